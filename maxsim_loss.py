@@ -23,6 +23,7 @@ This file depends on torch only: copy it into any project.
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,6 +40,9 @@ def _check_tokens(name: str, tokens: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dim() != 3:
         raise ValueError(f"{name}: expected shape (B, N, D), got {tuple(tokens.shape)}")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one token per set (N >= 1; mask tokens instead), got "
+                         f"{tuple(tokens.shape)}")
     if not tokens.is_floating_point():
         raise TypeError(f"{name}: expected a floating point tensor, got {tokens.dtype}")
 
@@ -51,6 +55,12 @@ def _check_mask(name: str, mask: Optional[torch.Tensor], tokens: torch.Tensor) -
         raise TypeError(f"{name}: expected a bool tensor (True = real token), got {got}")
     if tuple(mask.shape) != tuple(tokens.shape[:2]):
         raise ValueError(f"{name}: expected shape {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}")
+
+
+def _l2_normalize(tokens: torch.Tensor) -> torch.Tensor:
+    """Unit vectors along the last dim; the norm floor must be representable in the dtype (1e-12 is 0 in
+    float16, which turns an all-zero padding token into 0/0 = NaN and NaN gradients for everything)."""
+    return F.normalize(tokens, dim=-1, eps=max(1e-12, torch.finfo(tokens.dtype).tiny))
 
 
 def _maxsim_block(queries: torch.Tensor, docs: torch.Tensor, doc_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -100,12 +110,11 @@ def maxsim_scores(
     if isinstance(max_block_elements, bool) or not isinstance(max_block_elements, int) or max_block_elements < 1:
         raise ValueError(f"max_block_elements: expected a positive int, got {max_block_elements!r}")
 
-    if normalize:
-        queries = F.normalize(queries, dim=-1)
-        docs = F.normalize(docs, dim=-1)
     if queries.dtype != docs.dtype:
         common = torch.promote_types(queries.dtype, docs.dtype)
         queries, docs = queries.to(common), docs.to(common)
+    if normalize:
+        queries, docs = _l2_normalize(queries), _l2_normalize(docs)
 
     Bq, Nq, _ = queries.shape
     Bd, Nd, _ = docs.shape
@@ -128,18 +137,41 @@ def maxsim_scores(
     return scores
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward gives each process the gradient of its own rows, summed
+    over every process's loss: a reduce-scatter, done as all_reduce + slice because older gloo builds
+    have no reduce-scatter (the extra traffic is negligible for token sets).
+
+    Written out rather than torch.distributed.nn.functional.all_gather, which does the same but is
+    deprecated (FutureWarning) and points to a private module instead.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)                                              # W*B, ...
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never reduce autograd's buffer in place
+        dist.all_reduce(grad)                                     # sum over ranks: every loss sees all rows
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]                                         # B, ...
+
+
 def gather_with_grad(tensor: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """Concatenate ``tensor`` (B, ...) from every process along dim 0, keeping gradients.
 
-    Uses torch.distributed.nn's autograd-aware all_gather: the backward pass sends each process the
-    gradient of every process's loss with respect to its own rows. Requires the same shape on every
-    rank. Non-float tensors (masks) are gathered without autograd.
+    The backward pass hands each process the gradient of *every* process's loss with respect to its own
+    rows (summed over processes). Requires the same shape on every rank, and every rank must call it
+    (and run backward) alike. Non-float tensors (masks) are gathered without autograd.
 
     Returns:
         (world_size * B, ...) gathered tensor, and this process's offset (rank * B) into it. When
         torch.distributed is not initialised, or has one process, returns (tensor, 0) unchanged.
     """
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor, 0
     offset = dist.get_rank() * tensor.shape[0]
@@ -147,8 +179,7 @@ def gather_with_grad(tensor: torch.Tensor) -> Tuple[torch.Tensor, int]:
         parts = [torch.empty_like(tensor, dtype=torch.uint8) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, tensor.to(torch.uint8).contiguous())
         return torch.cat(parts, dim=0).to(tensor.dtype), offset
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0), offset
+    return _AllGatherWithGrad.apply(tensor), offset
 
 
 class MaxSimLoss(nn.Module):
@@ -176,8 +207,9 @@ class MaxSimLoss(nn.Module):
     def __init__(self, margin: float = 0.1, in_batch_negatives: bool = True, reduction: str = "mean",
                  normalize: bool = True, gather_distributed: bool = False) -> None:
         super().__init__()
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            raise ValueError(f"margin: expected a non-negative number, got {margin!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
+                or not 0 <= margin < float("inf"):
+            raise ValueError(f"margin: expected a finite non-negative number, got {margin!r}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
         self.margin = float(margin)
@@ -239,8 +271,11 @@ class MaxSimLoss(nn.Module):
     def _paired_scores(self, queries: torch.Tensor, docs: torch.Tensor, query_mask: Optional[torch.Tensor],
                        doc_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """s(q_i, d_i) for i < B: (B, Nq, D) x (B, Nd, D) -> (B,)."""
+        if queries.dtype != docs.dtype:
+            common = torch.promote_types(queries.dtype, docs.dtype)
+            queries, docs = queries.to(common), docs.to(common)
         if self.normalize:
-            queries, docs = F.normalize(queries, dim=-1), F.normalize(docs, dim=-1)
+            queries, docs = _l2_normalize(queries), _l2_normalize(docs)
         sim = torch.bmm(queries, docs.transpose(1, 2))                                         # B, Nq, Nd
         if doc_mask is not None:
             sim = sim.masked_fill(~doc_mask.unsqueeze(1), float("-inf"))

@@ -12,8 +12,10 @@
 Needs torch, timm and pillow (huggingface_hub and safetensors come with timm).
 """
 import os
+import pickle
 import socket
 import sys
+import urllib.request
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 from urllib.parse import urlparse
 
@@ -70,6 +72,7 @@ def load_backbone(
     """
     if not isinstance(model_name, str) or not model_name:
         raise TypeError(f"model_name: expected a timm model name (str), got {model_name!r}")
+    _check_model_name(model_name)
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size: expected a positive int, got {img_size!r}")
     timm_kwargs.setdefault("img_size", img_size)
@@ -112,7 +115,11 @@ def load_weights_file(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Mod
         from safetensors.torch import load_file
         state_dict: Dict[str, Any] = load_file(path, device="cpu")
     else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"checkpoint_path: {path} holds pickled objects other than tensors; refusing to "
+                             f"unpickle it (torch.load(weights_only=True)). Save a plain state dict.") from e
     if not isinstance(state_dict, dict):
         raise ValueError(f"checkpoint_path: expected a state dict in {path}, got {type(state_dict).__name__}")
     for key in ("state_dict", "model", "teacher"):
@@ -121,13 +128,27 @@ def load_weights_file(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Mod
             break
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     filter_fn: Optional[Callable] = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
     try:
+        if filter_fn is not None:
+            state_dict = filter_fn(state_dict, model)
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, KeyError) as e:
         raise ValueError(f"checkpoint_path: {path} does not fit {type(model).__name__}: {e}") from None
     return model
+
+
+def _check_model_name(model_name: str) -> None:
+    """ValueError for a name timm does not know (unknown architecture or pretrained tag)."""
+    if ":" in model_name:
+        return  # "hf-hub:..." / "local-dir:..." names are timm's to resolve
+    from timm.models import get_pretrained_cfg
+    try:
+        get_pretrained_cfg(model_name)  # raises on an unknown tag, e.g. "vit_base_patch14_reg4_dinov2.bad"
+    except RuntimeError as e:
+        raise ValueError(f"model_name: expected a timm model name (see timm.list_models()), got {model_name!r}: "
+                         f"{e}") from None
+    if not timm.is_model(model_name):
+        raise ValueError(f"model_name: expected a timm model name (see timm.list_models()), got {model_name!r}")
 
 
 def _hub_cache_dir() -> Optional[str]:
@@ -178,9 +199,12 @@ def _require_hub_reachable(model_name: str) -> None:
     if cfg.get("hf_hub_id") and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         why = "HF_HUB_OFFLINE is set"
     else:
-        # Through a proxy if one is configured: then the proxy is what must answer.
-        proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-        target = urlparse(proxy if proxy else url)
+        # Through a proxy if one is configured for this scheme (and NO_PROXY does not exempt the host):
+        # then the proxy is what must answer.
+        target = urlparse(url)
+        proxy = urllib.request.getproxies().get(target.scheme)
+        if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+            target = urlparse(proxy)
         port = target.port or (443 if target.scheme == "https" else 80)
         try:
             socket.create_connection((target.hostname or "", port), timeout=REACHABILITY_TIMEOUT_S).close()
@@ -212,7 +236,14 @@ class _ToRGB:
             raise TypeError(f"image: expected a PIL.Image.Image, got {type(image).__name__}")
         if image.mode == "RGB":
             return image
-        has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+        if image.mode.startswith("I;16"):
+            # 16-bit greyscale (16-bit PNG/TIFF): scale 0..65535 to 0..255, rounded. Pillow's own
+            # conversion clips at 255 and would turn almost every such image white.
+            image = image.convert("I").point(lambda v: v * (1 / 257) + 0.5).convert("L")
+        if image.mode == "La":
+            image = image.convert("LA")  # premultiplied alpha: Pillow converts it to LA only
+        has_alpha = (image.mode in ("RGBA", "RGBa", "LA", "PA")
+                     or (image.mode == "P" and "transparency" in image.info))
         if has_alpha:
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
