@@ -156,7 +156,9 @@ class BuddyPool(nn.Module):
             patches, 1, index.reshape(B, C * K, 1).expand(B, C * K, D)).reshape(B, C, K, D)
 
         # Masked softmax over the in-grid offsets (the centre is always in the grid, so no row is empty).
-        logits = self.window_logits.float().masked_fill(~valid, float("-inf"))   # B, C, K
+        # Softmax in at least float32 (fp16/bf16 logits would round the weights), float64 kept as is.
+        logits = self.window_logits.to(torch.promote_types(self.window_logits.dtype, torch.float32))
+        logits = logits.masked_fill(~valid, float("-inf"))                        # B, C, K
         weights = logits.softmax(dim=-1).to(window_tokens.dtype)                  # B, C, K
         pooled = torch.einsum("bck,bckd->bcd", weights, window_tokens)            # B, C, D
         return pooled + self.proj(pooled)
