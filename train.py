@@ -39,7 +39,7 @@ import math
 import os
 import random
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ CUE_COLOURS = ((230, 25, 75), (255, 225, 25), (0, 130, 200), (60, 180, 75), (245
                (70, 240, 240), (240, 50, 230))
 VIZ_MARGIN = 10               # px around and between tiles
 VIZ_TILE_MIN = 320            # tiles are upscaled by an integer factor to at least this many px
+DEFAULT_NUM_IMAGES = 56       # generated images: 112 backbone passes, ~45 s for ViT-B/14 at 224 on 2 CPU cores
 PROGRESS_EVERY_S = 5.0        # a progress line at most this often while extracting tokens
 
 ImageSource = Union[str, Image.Image]   # a file path or an in-memory picture
@@ -70,8 +71,15 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is ONE line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train Buddy tokens (BuddyPool + MaxSimLoss) on the cached tokens of a frozen "
                     "DINOv2-with-registers ViT and report held-out retrieval.")
@@ -87,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="DIR", help="train on the images under DIR (recursive; jpg, jpeg, "
                    "png, webp, bmp) instead of generated ones")
     p.add_argument("--num-images", type=int, default=None,
-                   help="generated images to use (default 56), or with --images at most this many "
+                   help=f"generated images to use (default {DEFAULT_NUM_IMAGES}), or with --images at most this many "
                         "(a seeded random subset; default all)")
     p.add_argument("--held-out", type=float, default=0.3, help="fraction of the images held out for evaluation")
     p.add_argument("--steps", type=int, default=150, help="training steps")
@@ -693,6 +701,20 @@ def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str,
         if ddp.is_main:
             print(message, file=sys.stderr, flush=True)
 
+    # --- a folder of images is checked first: a bad one should fail before the backbone loads
+    t = time.perf_counter()
+    if args.images:
+        try:
+            sources: List[ImageSource] = list(find_images(args.images, warn=warn))
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        found = len(sources)
+        if args.num_images is not None and args.num_images < found:
+            keep = torch.randperm(found, generator=torch.Generator().manual_seed(args.seed))[:args.num_images]
+            sources = [sources[i] for i in sorted(keep.tolist())]
+        source_desc = f"{len(sources)} of {found} images under {args.images}"
+    timings["load_images"] = time.perf_counter() - t
+
     # --- backbone
     t = time.perf_counter()
     model, weights = load_model(args, ddp, warn)
@@ -709,24 +731,12 @@ def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str,
             warn(f"warning: --load {args.load} was trained on {loaded_meta.get('backbone')} at "
                  f"{loaded_meta.get('img_size')} px; this run uses {args.model} at {args.img_size} px")
 
-    # --- images
-    t = time.perf_counter()
-    if args.images:
-        try:
-            sources: List[ImageSource] = list(find_images(args.images, warn=warn))
-        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-            raise UsageError(str(e)) from None
-        found = len(sources)
-        if args.num_images is not None and args.num_images < found:
-            keep = torch.randperm(found, generator=torch.Generator().manual_seed(args.seed))[:args.num_images]
-            sources = [sources[i] for i in sorted(keep.tolist())]
-        source_desc = f"{len(sources)} of {found} images under {args.images}"
-    else:
-        n = args.num_images if args.num_images is not None else 56
+    # --- generated images, at (about) the model's input size
+    if not args.images:
+        n = args.num_images if args.num_images is not None else DEFAULT_NUM_IMAGES
         sources = list(synthetic_images(n, args.seed, size=max(64, max(model_input_size(model)))))
         source_desc = f"{n} generated images (seed {args.seed})"
     train_ids, held_ids = split_images(len(sources), args.held_out, args.seed)
-    timings["load_images"] = time.perf_counter() - t
 
     log("CLS + Buddy tokens demo")
     log(f"  backbone  {args.model} @ {args.img_size} px: {P} cue tokens, {grid[0]}x{grid[1]} patches, dim {D}, "
