@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"generated images to use (default {DEFAULT_NUM_IMAGES}), or with --images at most this many "
                         "(a seeded random subset; default all)")
     p.add_argument("--held-out", type=float, default=0.3, help="fraction of the images held out for evaluation")
-    p.add_argument("--steps", type=int, default=150, help="training steps")
+    p.add_argument("--steps", type=int, default=100, help="training steps")
     p.add_argument("--batch-size", type=int, default=32, help="triplets per step (per process under torchrun)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--margin", type=float, default=0.1, help="MaxSimLoss hinge margin")
@@ -642,6 +642,11 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
 
 # -------------------------------------------------------------------------------------------------- the run
 
+def _first_sentence(message: str) -> str:
+    """The library's error without its API advice ("Either pass checkpoint_path=..."), which a CLI user cannot use."""
+    return message.split(" Either ")[0].rstrip(". ")
+
+
 def load_model(args: argparse.Namespace, ddp: Dist, warn: Callable[[str], None]) -> Tuple[torch.nn.Module,
                                                                                         Dict[str, Any]]:
     """The frozen backbone as ``--weights`` asks, and what was actually used: {"requested", "used", ...}."""
@@ -666,17 +671,20 @@ def load_model(args: argparse.Namespace, ddp: Dist, warn: Callable[[str], None])
             if not ddp.all_true(info["used"] == "pretrained"):
                 info["used"] = "random"
                 info["fallback_reason"] = info["fallback_reason"] or "another process could not get the weights"
-                why = info["fallback_reason"].split(" Either ")[0]  # the API advice does not fit a CLI
-                warn(f"warning: using a RANDOMLY INITIALISED backbone, retrieval will be weak ({why} "
-                     f"--weights PATH loads a local file, --weights random silences this warning)")
+                warn(f"warning: {_first_sentence(info['fallback_reason'])}; continuing with a RANDOMLY "
+                     f"INITIALISED backbone, so retrieval will be weak (--weights PATH loads a local file, "
+                     f"--weights random silences this warning)")
                 model = build(pretrained=False)
         else:
             model = build(checkpoint_path=args.weights)
             info["used"], info["checkpoint"] = "checkpoint", args.weights
-    except (WeightsUnavailableError, FileNotFoundError, ValueError, TypeError) as e:
-        raise UsageError(f"--weights/--model: {e}") from None
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise UsageError(f"--model: {e}") from None
+    except WeightsUnavailableError as e:
+        raise UsageError(f"--weights {args.weights}: {_first_sentence(str(e))}; use --weights PATH for a local "
+                         f"file, or --weights random") from None
+    except FileNotFoundError as e:
+        raise UsageError(f"--weights: {e}") from None
+    except (ValueError, TypeError) as e:  # unknown model name, bad timm kwargs, a file that does not fit
+        raise UsageError(f"--model/--weights/--timm-kwargs: {e}") from None
     if not (getattr(model, "num_prefix_tokens", 0) >= 1 and hasattr(model, "patch_embed")):
         raise UsageError(f"--model: expected a timm ViT with [CLS]/register tokens, got {args.model}")
     return model, info
@@ -791,7 +799,7 @@ def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str,
         if ddp.enabled:
             from torch.nn.parallel import DistributedDataParallel
             trainable = DistributedDataParallel(pool, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
-                                                else None, broadcast_buffers=False)
+                                                else None)
         loss_fn = MaxSimLoss(margin=args.margin, gather_distributed=ddp.enabled)
         generator = torch.Generator().manual_seed(args.seed + 1 + ddp.rank)
         n_params = sum(p.numel() for p in pool.parameters())
@@ -842,14 +850,14 @@ def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str,
         "tokens": {"cue": P, "grid": list(grid), "dim": D, "per_image": 2 * P},
         "data": {"source": "folder" if args.images else "synthetic", "images": len(sources),
                  "train_images": len(train_ids), "held_out_images": len(held_ids), "views_per_image": NUM_VIEWS,
-                 "held_out_ids": held_ids},
+                 "held_out_ids": held_ids, "held_out_evaluated": int(held_cue.shape[0])},
         "training": {"steps": steps, "batch_size": batch_size, "lr": args.lr, "margin": args.margin,
                      "kernel_size": args.kernel_size, "loaded": args.load, "world_size": ddp.world_size},
         "losses": losses,
         "recall@1_before": before["recall@1"], "recall@1_after": after["recall@1"],
         "ablation": ablation,
         "viz": viz_info,
-        "device": str(ddp.device), "world_size": ddp.world_size, "seed": args.seed,
+        "device": str(ddp.device), "world_size": ddp.world_size, "written_by_rank": ddp.rank, "seed": args.seed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     if args.metrics and ddp.is_main:
@@ -882,7 +890,9 @@ def write_viz(path: str, model: torch.nn.Module, sources: Sequence[ImageSource],
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return {"path": path, "image_ids": list(ids), "nearest_patch": centres.tolist(), "size": list(picture.size),
+    files = [sources[i] if isinstance(sources[i], str) else None for i in ids]
+    return {"path": path, "image_ids": list(ids), "files": files, "nearest_patch": centres.tolist(),
+            "size": list(picture.size),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in layout.items()}}
 
 
