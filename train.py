@@ -1,6 +1,6 @@
 """The demo: train Buddy tokens on a frozen DINOv2-with-registers ViT and measure held-out retrieval.
 
-    python train.py                                  # generated images, ~1.5 min on 2 CPU cores, offline
+    python train.py                                  # generated images, about a minute on 2 CPU cores, offline
     python train.py --images ~/Pictures --viz buddies.png --metrics run.json --save buddy.safetensors
     torchrun --nproc_per_node=2 train.py ...         # several processes (gloo on CPU, nccl on GPUs)
 
@@ -34,12 +34,13 @@ import time
 _PROCESS_START = time.perf_counter()  # before the heavy imports, so the reported total includes them
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import sys
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ CUE_COLOURS = ((230, 25, 75), (255, 225, 25), (0, 130, 200), (60, 180, 75), (245
                (70, 240, 240), (240, 50, 230))
 VIZ_MARGIN = 10               # px around and between tiles
 VIZ_TILE_MIN = 320            # tiles are upscaled by an integer factor to at least this many px
-DEFAULT_NUM_IMAGES = 56       # generated images: 112 backbone passes, ~45 s for ViT-B/14 at 224 on 2 CPU cores
+DEFAULT_NUM_IMAGES = 56       # generated images: 112 ViT-B/14 passes at 224 px, ~40 s on 2 idle CPU cores
 PROGRESS_EVERY_S = 5.0        # a progress line at most this often while extracting tokens
 
 ImageSource = Union[str, Image.Image]   # a file path or an in-memory picture
@@ -78,45 +79,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for flags that have one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="train.py", formatter_class=_HelpFormatter,
         description="Train Buddy tokens (BuddyPool + MaxSimLoss) on the cached tokens of a frozen "
                     "DINOv2-with-registers ViT and report held-out retrieval.")
-    p.add_argument("--weights", default="auto",
+    p.add_argument("--weights", default="auto", metavar="auto|hub|random|PATH",
                    help="auto: pretrained if cached or downloadable, else a warning and random weights; "
                         "hub: pretrained or fail; random; or a PATH to a local weights file "
                         "(timm .safetensors/.pth, or Meta's dinov2_*_pretrain.pth)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (a ViT with [CLS] + registers)")
-    p.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="input side the backbone is built for")
+    p.add_argument("--img-size", type=int, metavar="PX", default=DEFAULT_IMG_SIZE,
+                   help="input side the backbone is built for")
     p.add_argument("--timm-kwargs", default="{}", metavar="JSON",
                    help='extra timm.create_model arguments as a JSON object, e.g. a tiny model: '
                         '\'{"depth": 2, "embed_dim": 64, "num_heads": 2}\'')
     p.add_argument("--images", metavar="DIR", help="train on the images under DIR (recursive; jpg, jpeg, "
                    "png, webp, bmp) instead of generated ones")
-    p.add_argument("--num-images", type=int, default=None,
-                   help=f"generated images to use (default {DEFAULT_NUM_IMAGES}), or with --images at most this many "
-                        "(a seeded random subset; default all)")
-    p.add_argument("--held-out", type=float, default=0.3, help="fraction of the images held out for evaluation")
-    p.add_argument("--steps", type=int, default=100, help="training steps")
-    p.add_argument("--batch-size", type=int, default=32, help="triplets per step (per process under torchrun)")
+    p.add_argument("--num-images", type=int, default=None, metavar="N",
+                   help=f"generated images to use (default {DEFAULT_NUM_IMAGES}), or with --images at most this "
+                        "many (a seeded random subset; default all)")
+    p.add_argument("--held-out", type=float, default=0.3, metavar="FRACTION",
+                   help="fraction of the images held out for evaluation")
+    p.add_argument("--steps", type=int, metavar="N", default=100, help="training steps")
+    p.add_argument("--batch-size", type=int, metavar="N", default=32,
+                   help="triplets per step (per process under torchrun)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--margin", type=float, default=0.1, help="MaxSimLoss hinge margin")
-    p.add_argument("--kernel-size", type=int, default=3, help="Buddy window side (odd)")
+    p.add_argument("--kernel-size", type=int, metavar="K", default=3, help="Buddy window side (odd)")
     p.add_argument("--seed", type=int, default=0, help="seed for images, split, augmentations and training")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--extract-batch-size", type=int, default=16, help="views per backbone forward pass")
+    p.add_argument("--extract-batch-size", type=int, metavar="N", default=16,
+                   help="views per backbone forward pass")
     p.add_argument("--metrics", metavar="PATH", help="write the run's figures here (JSON)")
     p.add_argument("--viz", metavar="PATH.png", help="draw each cue's nearest patch and window on a few "
                    "held-out images")
-    p.add_argument("--viz-images", type=int, default=4, help="how many held-out images --viz draws")
+    p.add_argument("--viz-images", type=int, metavar="N", default=4, help="how many held-out images --viz draws")
     p.add_argument("--save", metavar="PATH", help="write the trained BuddyPool here (safetensors + metadata)")
     p.add_argument("--load", metavar="PATH", help="start from a BuddyPool written by --save")
     return p
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Validate what argparse cannot; ``parser.error`` prints one usage line + message and exits with 2."""
+    """Validate what argparse cannot; ``parser.error`` prints one line and exits with status 2."""
     for name in ("steps",):
         if getattr(args, name) < 0:
             parser.error(f"--{name}: expected >= 0, got {getattr(args, name)}")
@@ -486,7 +500,7 @@ def viz_line_width(cell: int, kernel_size: int, num_cues: int) -> int:
     """Outline width so that num_cues nested outlines (each with a 1 px dark edge on both sides) fit inside the
     smallest, corner-clipped, window of ``(kernel_size // 2 + 1) * cell`` px."""
     smallest_window = (kernel_size // 2 + 1) * cell
-    return max(1, min(4, smallest_window // (2 * (num_cues + 1)) - 2))
+    return max(1, min(4, smallest_window // (2 * num_cues) - 2))
 
 
 def outline_inset(cue: int, line: int) -> int:
@@ -510,8 +524,7 @@ def window_box(centre: int, grid: Tuple[int, int], kernel_size: int, tile_hw: Tu
 
 def render_viz(images: Sequence[Image.Image], centres: torch.Tensor, grid: Tuple[int, int], kernel_size: int,
                captions: Optional[Sequence[str]] = None,
-               title: str = "Buddy windows: each cue's nearest patch (dot) and its window") -> Tuple[Image.Image,
-                                                                                                 Dict[str, Any]]:
+               title: Optional[str] = None) -> Tuple[Image.Image, Dict[str, Any]]:
     """Draw each cue's chosen patch and window on each image, side by side, with a legend.
 
     Args:
@@ -520,13 +533,18 @@ def render_viz(images: Sequence[Image.Image], centres: torch.Tensor, grid: Tuple
         grid: (Gh, Gw) patch grid.
         kernel_size: window side.
         captions: n short labels under the tiles.
+        title: the line above the tiles (default: what the outlines and dots mean).
 
     Returns:
         The picture, and its layout: {"scale", "tile" (H, W), "origins" [(x, y) of each tile], "line"}.
         Cue c's window outline is ``window_box(centre, grid, kernel_size, tile, outline_inset(c, line))`` on
         the tile, drawn ``line`` px wide inwards from that box with a 1 px dark edge on each side, cue 0 first:
-        cues that share a window get nested outlines, none hiding another.
+        cues that share a window get nested outlines, none hiding another (in windows too small for that,
+        e.g. kernel_size=1 on a fine grid, the insets are clamped and outlines may overlap).
     """
+    if title is None:
+        title = (f"each cue's nearest patch (dot) and its {kernel_size}x{kernel_size} window "
+                 f"(outlines nest inwards where cues share a window)")
     n, num_cues = centres.shape
     if n != len(images) or n == 0:
         raise ValueError(f"centres: expected ({len(images)}, C) for {len(images)} images, got {tuple(centres.shape)}")
@@ -549,7 +567,9 @@ def render_viz(images: Sequence[Image.Image], centres: torch.Tensor, grid: Tuple
         canvas.paste(image.convert("RGB").resize((tile_w, tile_h), Image.BICUBIC), (x, y))
         for c in range(num_cues):
             colour = CUE_COLOURS[c % len(CUE_COLOURS)]
-            inset = outline_inset(c, line)
+            x0, y0, x1, y1 = window_box(int(centres[k, c]), grid, kernel_size, (tile_h, tile_w), inset=0)
+            # Nested outlines need room; in a window too small for all of them (k=1 on a fine grid) they overlap.
+            inset = max(1, min(outline_inset(c, line), (min(x1 - x0, y1 - y0) + 1) // 2 - line - 1))
             # A dark edge on both sides keeps the colour readable on any photo.
             x0, y0, x1, y1 = window_box(int(centres[k, c]), grid, kernel_size, (tile_h, tile_w), inset=inset - 1)
             draw.rectangle((x + x0, y + y0, x + x1, y + y1), outline=(0, 0, 0), width=line + 2)
@@ -690,6 +710,22 @@ def load_model(args: argparse.Namespace, ddp: Dist, warn: Callable[[str], None])
     return model, info
 
 
+@contextlib.contextmanager
+def few_threads(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on CPU for the training steps and the evaluation: their ops are small, so fanning
+    them out gains little, and on a busy machine every op waits for a descheduled thread (measured here, 2
+    cores with one busy: 0.59 s/step with 2 threads, 0.06 s/step with 1)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.perf_counter()
     timings: Dict[str, float] = {"imports": t_start - _PROCESS_START}
@@ -778,8 +814,8 @@ def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str,
     pool = BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)
     if start_state is not None:
         pool.load_state_dict(start_state)
-    results: Dict[str, Any] = {}
-    before = evaluate(held_cue, held_patches, pool)
+    with few_threads(ddp.device):
+        before = evaluate(held_cue, held_patches, pool)
     log(f"held-out recall@1 before training: {before['recall@1']:.3f} "
         f"(cue + {'loaded' if start_state is not None else 'initial'} Buddy tokens, {len(held_ids)} candidates)")
 
@@ -805,17 +841,20 @@ def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str,
         n_params = sum(p.numel() for p in pool.parameters())
         log(f"training BuddyPool ({n_params:,} parameters) for {steps} steps, batch {batch_size}"
             + (f" x {ddp.world_size} processes" if ddp.enabled else "") + f", lr {args.lr:g}, on cached tokens")
-        losses = train_pool(trainable, train_cue, train_patches, steps=steps, batch_size=batch_size, lr=args.lr,
-                            loss_fn=loss_fn, generator=generator, ddp=ddp, log=log)
+        with few_threads(ddp.device):
+            losses = train_pool(trainable, train_cue, train_patches, steps=steps, batch_size=batch_size,
+                                lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, log=log)
     timings["train"] = time.perf_counter() - t
 
     # --- the ablation, on every held-out image
     t = time.perf_counter()
-    ablation = {
-        "cue_only": evaluate(held_cue, held_patches, None),
-        "cue_buddy_init": evaluate(held_cue, held_patches, BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)),
-        "cue_buddy_trained": evaluate(held_cue, held_patches, pool),
-    }
+    with few_threads(ddp.device):
+        ablation = {
+            "cue_only": evaluate(held_cue, held_patches, None),
+            "cue_buddy_init": evaluate(held_cue, held_patches,
+                                       BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)),
+            "cue_buddy_trained": evaluate(held_cue, held_patches, pool),
+        }
     timings["evaluate"] = time.perf_counter() - t
     after = ablation["cue_buddy_trained"]
     log(f"held-out recall@1 after training:  {after['recall@1']:.3f}")

@@ -233,8 +233,8 @@ def brute_window_mean(cue, patches, k):
                 if sim > best:
                     best, where = sim, (r, col)
         r, col = where
-        window = [patches[y, x] for y in range(r - k // 2, r + k // 2 + 1) for x in range(col - k // 2, col + k // 2 + 1)
-                  if 0 <= y < H and 0 <= x < W]
+        window = [patches[y, x] for y in range(r - k // 2, r + k // 2 + 1)
+                  for x in range(col - k // 2, col + k // 2 + 1) if 0 <= y < H and 0 <= x < W]
         out.append(torch.stack(window).mean(0))
     return torch.stack(out)
 
@@ -334,8 +334,9 @@ def assert_windows_drawn(picture, layout, centres, grid, k):
     for i, origin in enumerate(layout["origins"]):
         for cue, centre in enumerate(centres[i]):
             colour = train.CUE_COLOURS[cue]
-            fractions = [outline_fraction(picture, origin, expected_outline_box(cand, grid, k, tile, cue, layout["line"]),
-                                          colour) for cand in range(grid[0] * grid[1])]
+            fractions = [outline_fraction(picture, origin,
+                                          expected_outline_box(cand, grid, k, tile, cue, layout["line"]), colour)
+                         for cand in range(grid[0] * grid[1])]
             assert fractions[centre] >= 0.75, (i, cue, fractions[centre])
             assert max(f for cand, f in enumerate(fractions) if cand != centre) <= 0.25, (i, cue, fractions)
 
@@ -515,3 +516,16 @@ def test_torchrun_two_processes(tmp_path, capsys):
     assert s["data"]["held_out_ids"] == m["data"]["held_out_ids"]
     for key in ("cue_only", "cue_buddy_init"):
         assert m["ablation"][key] == pytest.approx(s["ablation"][key], abs=1e-6)
+
+
+@pytest.mark.parametrize("side,grid,k", [(448, (32, 32), 1), (56, (4, 4), 5), (70, (5, 7), 3)])
+def test_render_viz_small_windows_fine_grids_and_non_square_grids(side, grid, k):
+    """Windows too small for five nested outlines (k=1 on a 32x32 grid) still draw, and so do other shapes."""
+    centres = torch.tensor([[0, 1, grid[1], grid[0] * grid[1] - 1, grid[0] * grid[1] // 2]])
+    picture, layout = train.render_viz([Image.new("RGB", (side, side), (128, 128, 128))], centres, grid, k)
+    th, tw = layout["tile"]
+    x, y = layout["origins"][0]
+    for cue, centre in enumerate(centres[0].tolist()):
+        r, c = divmod(centre, grid[1])
+        dot = (x + (2 * c + 1) * tw // (2 * grid[1]), y + (2 * r + 1) * th // (2 * grid[0]))
+        assert picture.getpixel(dot) == train.CUE_COLOURS[cue], (cue, centre)
