@@ -60,7 +60,7 @@ CUE_COLOURS = ((230, 25, 75), (255, 225, 25), (0, 130, 200), (60, 180, 75), (245
                (70, 240, 240), (240, 50, 230))
 VIZ_MARGIN = 10               # px around and between tiles
 VIZ_TILE_MIN = 320            # tiles are upscaled by an integer factor to at least this many px
-DEFAULT_NUM_IMAGES = 56       # generated images: 112 ViT-B/14 passes at 224 px, ~40 s on 2 idle CPU cores
+DEFAULT_NUM_IMAGES = 48       # generated images: 96 ViT-B/14 passes at 224 px, ~35 s on 2 idle CPU cores
 PROGRESS_EVERY_S = 5.0        # a progress line at most this often while extracting tokens
 
 ImageSource = Union[str, Image.Image]   # a file path or an in-memory picture
@@ -258,7 +258,7 @@ def synthetic_images(n: int, seed: int, size: int = 256) -> List[Image.Image]:
         rng = np.random.default_rng([seed, i])
         # Smooth background: a 4x4 random colour grid upsampled bicubically.
         field = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-        image = Image.fromarray(field, "RGB").resize((size, size), Image.BICUBIC)
+        image = Image.fromarray(field, "RGB").resize((size, size), Image.Resampling.BICUBIC)
         draw = ImageDraw.Draw(image)
         for _ in range(int(rng.integers(2, 6))):
             colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
@@ -394,6 +394,9 @@ def extract_view_tokens(
                 left = f", ~{(total - done) / rate:.0f} s left" if done < total else ""
                 log(f"  tokens: {done}/{total} views, {rate:.1f} views/s{left}")
                 last_print = now
+    if not cues:  # an empty shard (more processes than images): empty tensors of the right shape
+        P, D, (gh, gw) = model.num_prefix_tokens, model.embed_dim, grid_size(model)
+        return (torch.zeros(0, views, P, D, device=device), torch.zeros(0, views, gh, gw, D, device=device))
     # Concatenate outside inference mode: the cache is then a normal tensor that training may use.
     return torch.cat(cues), torch.cat(patches)
 
@@ -564,7 +567,7 @@ def render_viz(images: Sequence[Image.Image], centres: torch.Tensor, grid: Tuple
     for k, image in enumerate(images):
         x, y = VIZ_MARGIN + k * (tile_w + VIZ_MARGIN), VIZ_MARGIN + text_h
         origins.append((x, y))
-        canvas.paste(image.convert("RGB").resize((tile_w, tile_h), Image.BICUBIC), (x, y))
+        canvas.paste(image.convert("RGB").resize((tile_w, tile_h), Image.Resampling.BICUBIC), (x, y))
         for c in range(num_cues):
             colour = CUE_COLOURS[c % len(CUE_COLOURS)]
             x0, y0, x1, y1 = window_box(int(centres[k, c]), grid, kernel_size, (tile_h, tile_w), inset=0)
@@ -731,12 +734,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     timings: Dict[str, float] = {"imports": t_start - _PROCESS_START}
     ddp = Dist(args.device)
     try:
-        return _run(args, ddp, t_start, timings)
+        return _run(args, ddp, timings)
     finally:
         ddp.close()
 
 
-def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str, float]) -> Dict[str, Any]:
+def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict[str, Any]:
     def log(message: str) -> None:
         if ddp.is_main:
             print(message, flush=True)
@@ -777,9 +780,11 @@ def _run(args: argparse.Namespace, ddp: Dist, t_start: float, timings: Dict[str,
 
     # --- generated images, at (about) the model's input size
     if not args.images:
+        t = time.perf_counter()
         n = args.num_images if args.num_images is not None else DEFAULT_NUM_IMAGES
         sources = list(synthetic_images(n, args.seed, size=max(64, max(model_input_size(model)))))
         source_desc = f"{n} generated images (seed {args.seed})"
+        timings["load_images"] = time.perf_counter() - t
     train_ids, held_ids = split_images(len(sources), args.held_out, args.seed)
 
     log("CLS + Buddy tokens demo")

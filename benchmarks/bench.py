@@ -133,15 +133,16 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, re
                      min_block_s: float = 0.0, warmup: int = 1) -> Dict[str, Dict[str, Any]]:
     """Median seconds per call of each function, timed in alternation.
 
-    Each function is warmed up, then called ``number`` times per block, with ``number`` chosen so that a
-    block lasts at least ``min_block_s``. Every round times one block of every function, in an order
-    rotated each round so that no function always runs right after the same neighbour.
+    Each function is warmed up (``warmup`` calls), then called ``number`` times per block, with ``number``
+    chosen so that a block lasts at least ``min_block_s``. Every round times one block of every function,
+    in an order rotated each round so that no function always runs right after the same neighbour.
     """
     names = list(fns)
     numbers = {name: 1 for name in names}
-    for name in names:
-        for _ in range(warmup):
+    for _ in range(warmup):
+        for name in names:
             fns[name]()
+    for name in names:
         if min_block_s > 0:  # one more call to size the block (skipped for calls that take seconds)
             _sync(device)
             t = time.perf_counter()
@@ -636,6 +637,13 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -707,6 +715,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg["train_images"] = args.train_images
     torch.manual_seed(0)
     started = time.perf_counter()
+    load_before = _load_average()
     figures: Dict[str, Dict[str, Any]] = {}
 
     def progress(what: str) -> None:
@@ -737,9 +746,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, (target, _, _) in FIGURES.items():
         f = figures[name]
         ordered[name] = dict(f, target=target, met=judge(name, f["value"]))
+    machine = machine_info(device)
+    machine["load_average_1min"] = {"start": load_before, "end": _load_average()}
     payload = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
+        "machine": machine,
         "settings": dict(cfg, quick=args.quick, steps_compared=list(cfg["train_steps"])),
         "seconds": round(time.perf_counter() - started, 1),
         "figures": ordered,
@@ -748,6 +759,11 @@ def main(argv: Optional[List[str]] = None) -> int:
           + (f", {payload['machine']['gpu']}" if "gpu" in payload["machine"] else "")
           + f"  torch {torch.__version__}  {'quick' if args.quick else 'default'} sizes")
     print_table(ordered)
+    busiest = max((x for x in machine["load_average_1min"].values() if x is not None), default=None)
+    if busiest is not None and busiest > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: the machine was busy (1-min load average up to {busiest:.1f} on {os.cpu_count()} CPUs); "
+              f"with other processes on the cores, CPU timings are noisy (2-thread ops can slow down ~10x). "
+              f"Rerun on a quiet machine.")
     write_json(args.out, payload)
     print(f"wrote {args.out} ({payload['seconds']:.0f} s)")
     return 0

@@ -529,3 +529,24 @@ def test_render_viz_small_windows_fine_grids_and_non_square_grids(side, grid, k)
         r, c = divmod(centre, grid[1])
         dot = (x + (2 * c + 1) * tw // (2 * grid[1]), y + (2 * r + 1) * th // (2 * grid[0]))
         assert picture.getpixel(dot) == train.CUE_COLOURS[cue], (cue, centre)
+
+
+def test_weights_from_a_local_file_and_too_few_images_to_train(tmp_path, capsys):
+    from safetensors.torch import save_file
+    torch.manual_seed(123)
+    model = load_backbone(TINY_MODEL, pretrained=False, **TINY_KWARGS)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    metrics = tmp_path / "m.json"
+
+    status, out, err = run_main(TINY_CLI + ["--weights", weights, "--num-images", 2, "--metrics", metrics], capsys)
+
+    assert status == 0, err
+    m = json.loads(metrics.read_text())
+    assert m["weights"] == {"requested": str(weights), "used": "checkpoint", "checkpoint": str(weights),
+                            "fallback_reason": None}
+    # 2 images: 1 held out, 1 to train on -- no negative, so training is skipped with one warning line.
+    assert (m["data"]["train_images"], m["data"]["held_out_images"]) == (1, 1)
+    assert m["losses"] == [] and m["training"]["steps"] == 0
+    assert len(err.strip().splitlines()) == 1 and "training skipped" in err
+    assert m["ablation"]["cue_only"] == {"recall@1": 1.0, "recall@5": 1.0, "mrr": 1.0}  # 1 candidate
