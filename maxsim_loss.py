@@ -179,9 +179,10 @@ def gather_with_grad(tensor: torch.Tensor) -> Tuple[torch.Tensor, int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor, 0
     offset = dist.get_rank() * tensor.shape[0]
-    if not tensor.is_floating_point():  # masks: nothing to differentiate, and gloo has no bool
-        parts = [torch.empty_like(tensor, dtype=torch.uint8) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.to(torch.uint8).contiguous())
+    if not tensor.is_floating_point():  # masks and ids: nothing to differentiate; gloo has no bool
+        wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+        parts = [torch.empty_like(wire) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, wire.contiguous())
         return torch.cat(parts, dim=0).to(tensor.dtype), offset
     return _AllGatherWithGrad.apply(tensor), offset
 
@@ -189,7 +190,10 @@ def gather_with_grad(tensor: torch.Tensor) -> Tuple[torch.Tensor, int]:
 class MaxSimLoss(nn.Module):
     """Hinge loss on MaxSim scores of (anchor, positive, negative) token sets.
 
-    loss = mean over (anchor i, negative n) pairs of relu(margin - s(a_i, p_i) + s(a_i, n)).
+    loss = mean over anchors i of the mean over i's negatives n of relu(margin - s(a_i, p_i) + s(a_i, n)),
+
+    which is the mean over all (anchor, negative) pairs when every anchor has the same number of negatives
+    (always, unless ids leave some out).
 
     Args:
         margin: hinge margin, in score units (scores lie in [-1, 1] with the default reduction).
@@ -205,7 +209,8 @@ class MaxSimLoss(nn.Module):
             A no-op when torch.distributed is not initialised.
 
     Shapes:
-        forward(anchor (B, N, D), positive (B, N, D), negative (B, N, D), optional masks (B, N)) -> scalar
+        forward(anchor (B, N, D), positive (B, N, D), negative (B, N, D), optional masks (B, N),
+                optional anchor_ids / negative_ids (B,)) -> scalar
     """
 
     def __init__(self, margin: float = 0.1, in_batch_negatives: bool = True, reduction: str = "mean",
@@ -234,8 +239,15 @@ class MaxSimLoss(nn.Module):
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 anchor_mask: Optional[torch.Tensor] = None, positive_mask: Optional[torch.Tensor] = None,
-                negative_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """anchor, positive, negative (B, N*, D) with optional (B, N*) bool masks -> scalar loss."""
+                negative_mask: Optional[torch.Tensor] = None, anchor_ids: Optional[torch.Tensor] = None,
+                negative_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """anchor, positive, negative (B, N*, D) with optional (B, N*) bool masks -> scalar loss.
+
+        anchor_ids, negative_ids: optional (B,) integer ids of the source (e.g. the image) of each anchor
+        (and its positive) and of each negative. A candidate negative with the anchor's own id is a false
+        negative -- another view of the same image, which is common when images are few and batches large
+        -- and is left out of that anchor's mean. Give both or neither.
+        """
         for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative)):
             _check_tokens(name, t)
         B = anchor.shape[0]
@@ -250,11 +262,22 @@ class MaxSimLoss(nn.Module):
         if not (anchor.shape[2] == positive.shape[2] == negative.shape[2]):
             raise ValueError(f"positive/negative: expected token dim {anchor.shape[2]} (as anchor), got "
                              f"{positive.shape[2]} and {negative.shape[2]}")
+        if (anchor_ids is None) != (negative_ids is None):
+            raise ValueError("anchor_ids/negative_ids: expected both or neither, got only one")
+        for name, ids in (("anchor_ids", anchor_ids), ("negative_ids", negative_ids)):
+            if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape != (B,)
+                                    or ids.is_floating_point() or ids.is_complex()):
+                got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise ValueError(f"{name}: expected a ({B},) integer tensor, got {got}")
+
         if not self.in_batch_negatives:
             # Only the B matched pairs are needed: score them directly, O(B) rather than O(B^2).
             pos = self._paired_scores(anchor, positive, anchor_mask, positive_mask)            # B
             neg = self._paired_scores(anchor, negative, anchor_mask, negative_mask)            # B
-            return F.relu(self.margin - pos + neg).mean()
+            hinge = F.relu(self.margin - pos + neg)                                            # B
+            if anchor_ids is not None:
+                hinge = hinge.masked_fill(negative_ids == anchor_ids, 0.0)
+            return hinge.mean()
 
         docs, doc_mask = _concat_sets(positive, negative, positive_mask, negative_mask)      # 2B, N, D
         offset = 0
@@ -266,11 +289,19 @@ class MaxSimLoss(nn.Module):
         scores = self.scores(anchor, docs, anchor_mask, doc_mask)                            # B, 2WB
         rows = torch.arange(B, device=scores.device)
         cols = torch.arange(scores.shape[1], device=scores.device)
-        is_positive = cols.unsqueeze(0) == (offset + rows).unsqueeze(1)                      # B, 2WB
+        is_negative = cols.unsqueeze(0) != (offset + rows).unsqueeze(1)                      # B, 2WB
+        if anchor_ids is not None:
+            doc_ids = torch.cat([anchor_ids, negative_ids])                                   # 2B
+            if self.gather_distributed:
+                doc_ids, _ = gather_with_grad(doc_ids)                                        # 2WB
+            is_negative = is_negative & (doc_ids.unsqueeze(0) != anchor_ids.unsqueeze(1))
         pos = scores.diagonal(offset).unsqueeze(1)                                            # B, 1
-        hinge = F.relu(self.margin - pos + scores).masked_fill(is_positive, 0.0)             # B, 2WB
-        # Fixed count of negatives per anchor (2WB - 1): no data-dependent shapes, so it compiles.
-        return hinge.sum() / (B * (scores.shape[1] - 1))
+        hinge = F.relu(self.margin - pos + scores).masked_fill(~is_negative, 0.0)            # B, 2WB
+        # Mean over each anchor's negatives, then over anchors: counts are tensors (no data-dependent
+        # shapes, so it compiles), and each rank's loss is the mean over its own anchors, so the mean of
+        # the ranks' losses is the single-process loss even when ids leave out different numbers.
+        per_anchor = hinge.sum(dim=1) / is_negative.sum(dim=1).clamp_min(1).to(hinge.dtype)  # B
+        return per_anchor.mean()
 
     def _paired_scores(self, queries: torch.Tensor, docs: torch.Tensor, query_mask: Optional[torch.Tensor],
                        doc_mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -457,15 +457,17 @@ def sample_triplets(n: int, batch_size: int, generator: torch.Generator) -> Tupl
 
 def train_pool(pool: torch.nn.Module, cue_tokens: torch.Tensor, patch_tokens: torch.Tensor, *, steps: int,
                batch_size: int, lr: float, loss_fn: MaxSimLoss, generator: torch.Generator, ddp: Dist,
-               log: Callable[[str], None] = print) -> List[float]:
+               image_ids: Optional[Sequence[int]] = None, log: Callable[[str], None] = print) -> List[float]:
     """Train ``pool`` (a BuddyPool, or one wrapped in DDP) with AdamW on cached tokens.
 
-    cue_tokens (n, 2, P, D) and patch_tokens (n, 2, Gh, Gw, D) are this process's training images. Returns the
-    loss of every step (averaged over processes).
+    cue_tokens (n, 2, P, D) and patch_tokens (n, 2, Gh, Gw, D) are this process's training images, and
+    ``image_ids`` (n,) their ids across all processes (default 0..n-1): the loss leaves out in-batch
+    "negatives" that show the anchor's own image. Returns the loss of every step (averaged over processes).
     """
     optimizer = torch.optim.AdamW(pool.parameters(), lr=lr, weight_decay=0.0)
     n = cue_tokens.shape[0]
     device = cue_tokens.device
+    ids = torch.as_tensor(list(range(n)) if image_ids is None else list(image_ids), dtype=torch.long, device=device)
     losses = []
     log_every = max(1, steps // 10)
     for step in range(1, steps + 1):
@@ -475,7 +477,8 @@ def train_pool(pool: torch.nn.Module, cue_tokens: torch.Tensor, patch_tokens: to
         # One forward for anchors, positives and negatives: a single DDP forward per backward.
         tokens = represent(cue_tokens[images, views], patch_tokens[images, views], pool)  # 3B, 2P, D
         anchor, positive, negative = tokens.chunk(3)
-        loss = loss_fn(anchor, positive, negative)
+        # Another triplet's negative may show this anchor's image (likely when images are few): ids drop it.
+        loss = loss_fn(anchor, positive, negative, anchor_ids=ids[a], negative_ids=ids[ng])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -848,7 +851,8 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
             + (f" x {ddp.world_size} processes" if ddp.enabled else "") + f", lr {args.lr:g}, on cached tokens")
         with few_threads(ddp.device):
             losses = train_pool(trainable, train_cue, train_patches, steps=steps, batch_size=batch_size,
-                                lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, log=log)
+                                lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, image_ids=my_train,
+                                log=log)
     timings["train"] = time.perf_counter() - t
 
     # --- the ablation, on every held-out image

@@ -42,7 +42,7 @@ C, H, W, D = 5, 4, 4, 8   # cues per image, patch grid, token dim: token sets of
 ATOL = 1e-5
 DEADLINE_S = 60           # a stuck child is killed and the test fails after this long (a normal run: ~5 s)
 COLLECTIVE_TIMEOUT_S = 45  # a rank whose peer died raises (and reports) before the parent kills it
-SCENARIOS = ("plain", "masked", "short_negatives")
+SCENARIOS = ("plain", "masked", "short_negatives", "ids")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -63,6 +63,15 @@ def make_data():
     return cues, patches, masks
 
 
+def make_ids() -> torch.Tensor:
+    """(2, n) source ids of (anchor, negative) for the "ids" scenario. Ids repeat across ranks, so each rank
+    must leave out false negatives that live on the other rank, and anchors end up with different numbers
+    of negatives (anchor ids 0 1 2 3 0 1; negative ids 1 2 3 0 1 2)."""
+    n = WORLD * B
+    anchor_ids = torch.arange(n) % 4
+    return torch.stack([anchor_ids, (anchor_ids + 1) % 4])
+
+
 def make_pool() -> BuddyPool:
     """Same seed -> same parameters in every process; random, so no gradient sits at a special point."""
     torch.manual_seed(0)
@@ -73,7 +82,7 @@ def make_pool() -> BuddyPool:
     return pool
 
 
-def scenario_loss(name, pool, loss_fn, cues, patches, masks):
+def scenario_loss(name, pool, loss_fn, cues, patches, masks, ids):
     """The loss of one scenario on a slice of triplets; the pool may be a DDP wrapper."""
     k, n = cues.shape[:2]
     buddies = pool(cues.reshape(k * n, C, D), patches.reshape(k * n, H, W, D)).reshape(k, n, C, D)
@@ -86,14 +95,16 @@ def scenario_loss(name, pool, loss_fn, cues, patches, masks):
         # Negatives of Buddy tokens only (C tokens, no mask), positives of 2C masked tokens: the loss
         # pads the negatives and builds their mask itself, and that mask must be gathered too.
         return loss_fn(anchor, positive, negative[:, C:], masks[0], masks[1], None)
+    if name == "ids":
+        return loss_fn(anchor, positive, negative, anchor_ids=ids[0], negative_ids=ids[1])
     raise ValueError(name)
 
 
-def loss_and_grads(name, pool, loss_fn, cues, patches, masks):
+def loss_and_grads(name, pool, loss_fn, cues, patches, masks, ids):
     """Loss, parameter gradients and input-token gradients of one scenario."""
     cues, patches = cues.clone().requires_grad_(), patches.clone().requires_grad_()
     pool.zero_grad()
-    loss = scenario_loss(name, pool, loss_fn, cues, patches, masks)
+    loss = scenario_loss(name, pool, loss_fn, cues, patches, masks, ids)
     loss.backward()
     module = pool.module if isinstance(pool, DistributedDataParallel) else pool
     return {"loss": loss.detach(), "cues_grad": cues.grad, "patches_grad": patches.grad,
@@ -103,16 +114,16 @@ def loss_and_grads(name, pool, loss_fn, cues, patches, masks):
 def _run_rank(rank: int) -> dict:
     cues, patches, masks = make_data()
     own = slice(rank * B, (rank + 1) * B)
-    cues, patches, masks = cues[:, own], patches[:, own], masks[:, own]
+    cues, patches, masks, ids = cues[:, own], patches[:, own], masks[:, own], make_ids()[:, own]
     ddp = DistributedDataParallel(make_pool())
     results = {}
     gathered_loss = MaxSimLoss(gather_distributed=True)
     for name in SCENARIOS:
-        for key, value in loss_and_grads(name, ddp, gathered_loss, cues, patches, masks).items():
+        for key, value in loss_and_grads(name, ddp, gathered_loss, cues, patches, masks, ids).items():
             results[f"{name}.{key}"] = value
     with torch.no_grad():
         results["local.loss"] = scenario_loss("plain", ddp, MaxSimLoss(gather_distributed=False),
-                                              cues, patches, masks)
+                                              cues, patches, masks, ids)
         mean_loss = results["local.loss"].clone()
         dist.all_reduce(mean_loss)
         results["local.mean_loss"] = mean_loss / WORLD
@@ -195,13 +206,14 @@ def ranks(tmp_path_factory):
 def reference():
     """One process, no torch.distributed, all WORLD * B triplets, gather_distributed=False."""
     cues, patches, masks = make_data()
+    ids = make_ids()
     pool, loss_fn = make_pool(), MaxSimLoss(gather_distributed=False)
     results = {}
     for name in SCENARIOS:
-        for key, value in loss_and_grads(name, pool, loss_fn, cues, patches, masks).items():
+        for key, value in loss_and_grads(name, pool, loss_fn, cues, patches, masks, ids).items():
             results[f"{name}.{key}"] = value
     with torch.no_grad():  # the plain loss of each rank's shard alone: what ungathered ranks compute
-        shards = [scenario_loss("plain", pool, loss_fn, cues[:, s], patches[:, s], masks[:, s])
+        shards = [scenario_loss("plain", pool, loss_fn, cues[:, s], patches[:, s], masks[:, s], ids[:, s])
                   for s in (slice(r * B, (r + 1) * B) for r in range(WORLD))]
         results["local.loss"] = torch.stack(shards)
         # Fraction of active hinges: the comparison must exercise the relu on both sides.
@@ -282,6 +294,8 @@ def test_without_a_process_group_gathering_is_a_no_op():
     cues, patches, masks = make_data()
     pool = make_pool()
     with torch.no_grad():
-        gathered_loss = scenario_loss("masked", pool, MaxSimLoss(gather_distributed=True), cues, patches, masks)
-        plain_loss = scenario_loss("masked", pool, MaxSimLoss(gather_distributed=False), cues, patches, masks)
+        gathered_loss = scenario_loss("masked", pool, MaxSimLoss(gather_distributed=True), cues, patches, masks,
+                                      make_ids())
+        plain_loss = scenario_loss("masked", pool, MaxSimLoss(gather_distributed=False), cues, patches, masks,
+                                   make_ids())
     assert torch.equal(gathered_loss, plain_loss)

@@ -461,3 +461,64 @@ def test_bad_inputs_to_the_loss():
                          (dict(margin=float("inf")), "margin"), (dict(reduction="max"), "reduction")):
         with pytest.raises((ValueError, TypeError), match=name):
             MaxSimLoss(**kwargs)
+
+
+# ------------------------------------------------------------------------------- false negatives by id
+
+def ref_loss_with_ids(anchor, positive, negative, anchor_ids, negative_ids, margin, in_batch):
+    """Loop reference: per anchor, the mean hinge over candidates whose id differs from the anchor's,
+    then the mean over anchors (an anchor with no candidate left contributes 0)."""
+    B = anchor.shape[0]
+    per_anchor = []
+    for i in range(B):
+        s_pos = float(ref_scores(anchor[i:i + 1], positive[i:i + 1]))
+        if in_batch:
+            candidates = [(positive, int(anchor_ids[j]), j) for j in range(B) if j != i]
+            candidates += [(negative, int(negative_ids[j]), j) for j in range(B)]
+        else:
+            candidates = [(negative, int(negative_ids[i]), i)]
+        terms = [max(0.0, margin - s_pos + float(ref_scores(anchor[i:i + 1], docs[j:j + 1])))
+                 for docs, doc_id, j in candidates if doc_id != int(anchor_ids[i])]
+        per_anchor.append(sum(terms) / len(terms) if terms else 0.0)
+    return sum(per_anchor) / B
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_ids_leave_out_false_negatives(in_batch):
+    a, p, n, *_ = triplets(B=5, Na=4, Np=4, Nn=4, masks=False)
+    # Anchors 0 and 3 show the same image (id 7), negative 1 shows anchor 2's image, negative 4 its own
+    # anchor's: the reference drops those pairs, so anchors get different numbers of negatives.
+    anchor_ids = torch.tensor([7, 1, 2, 7, 4])
+    negative_ids = torch.tensor([1, 2, 9, 9, 4])
+    loss_fn = MaxSimLoss(margin=0.5, in_batch_negatives=in_batch)
+    got = loss_fn(a, p, n, anchor_ids=anchor_ids, negative_ids=negative_ids)
+    want = ref_loss_with_ids(a, p, n, anchor_ids, negative_ids, 0.5, in_batch)
+    assert math.isclose(float(got), want, rel_tol=1e-5, abs_tol=1e-6)
+    # Distinct ids everywhere leave every pair in: the same as giving no ids.
+    unique = MaxSimLoss(margin=0.5, in_batch_negatives=in_batch)(
+        a, p, n, anchor_ids=torch.arange(5), negative_ids=torch.arange(5, 10))
+    torch.testing.assert_close(unique, loss_fn(a, p, n))
+    assert not math.isclose(float(got), float(unique), rel_tol=1e-4)
+
+
+def test_a_copy_of_the_positive_among_the_negatives_is_left_out_only_with_ids():
+    a, p, n, *_ = triplets(B=3, Na=4, Np=4, Nn=4, masks=False)
+    n = n.clone()
+    n[1] = p[0]          # triplet 1's negative is anchor 0's positive image
+    loss_fn = MaxSimLoss(margin=0.2)
+    with_ids = loss_fn(a, p, n, anchor_ids=torch.tensor([0, 1, 2]), negative_ids=torch.tensor([2, 0, 1]))
+    want = ref_loss_with_ids(a, p, n, torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), 0.2, True)
+    assert math.isclose(float(with_ids), want, rel_tol=1e-5, abs_tol=1e-6)
+    # Without ids that copy is a "negative" scoring exactly the positive's score: a hinge of the margin.
+    assert float(loss_fn(a, p, n)) > float(with_ids)
+
+
+def test_bad_ids():
+    a, p, n, *_ = triplets(B=3, Na=4, Np=4, Nn=4, masks=False)
+    loss_fn = MaxSimLoss()
+    with pytest.raises(ValueError, match="anchor_ids/negative_ids"):
+        loss_fn(a, p, n, anchor_ids=torch.arange(3))
+    with pytest.raises(ValueError, match="negative_ids: expected a \\(3,\\) integer tensor"):
+        loss_fn(a, p, n, anchor_ids=torch.arange(3), negative_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="anchor_ids: expected a \\(3,\\) integer tensor"):
+        loss_fn(a, p, n, anchor_ids=torch.zeros(3), negative_ids=torch.arange(3))

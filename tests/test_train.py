@@ -17,6 +17,7 @@ from PIL import Image
 
 import train
 from buddy_pool import BuddyPool, nearest_patch
+from maxsim_loss import MaxSimLoss
 from conftest import ROOT, TINY_KWARGS, TINY_MODEL
 from model_utils import extract_tokens, load_backbone, make_transform
 
@@ -187,6 +188,31 @@ def test_sample_triplets():
         assert len(set(a.tolist())) == 5 and torch.equal(a, p)
         assert torch.equal(pv, 1 - av) and set(av.tolist() + nv.tolist()) <= {0, 1}
         assert (ng != a).all() and ((ng >= 0) & (ng < 7)).all()
+
+
+def test_train_pool_tells_the_loss_which_image_each_triplet_shows():
+    """In-batch negatives that show the anchor's own image must be left out: train_pool passes the images'
+    global ids, so the loss can. Checked against the sampled indices, with ids that are not 0..n-1."""
+    torch.manual_seed(0)
+    n, P, D = 6, 2, 8
+    cue, patches = torch.randn(n, 2, P, D), torch.randn(n, 2, 3, 3, D)
+    image_ids = [10, 12, 14, 16, 18, 20]                       # e.g. this process's shard of all images
+    seen = []
+
+    class Spy(MaxSimLoss):
+        def forward(self, anchor, positive, negative, **kwargs):
+            seen.append((kwargs["anchor_ids"].clone(), kwargs["negative_ids"].clone()))
+            return super().forward(anchor, positive, negative, **kwargs)
+
+    train.train_pool(BuddyPool(D), cue, patches, steps=3, batch_size=4, lr=1e-3, loss_fn=Spy(),
+                     generator=torch.Generator().manual_seed(5), ddp=train.Dist("cpu"), image_ids=image_ids,
+                     log=lambda m: None)
+    replay = torch.Generator().manual_seed(5)
+    assert len(seen) == 3
+    for anchor_ids, negative_ids in seen:
+        a, _, _, _, ng, _ = train.sample_triplets(n, 4, replay)
+        assert anchor_ids.tolist() == [image_ids[i] for i in a.tolist()]
+        assert negative_ids.tolist() == [image_ids[i] for i in ng.tolist()]
 
 
 # --------------------------------------------------------------------------------------------- metrics
