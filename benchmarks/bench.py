@@ -1,6 +1,6 @@
 """Benchmarks: what the pipeline costs beyond the frozen backbone, as ratios measured in one run.
 
-    python benchmarks/bench.py                   # CPU, default sizes (about 3 min on 2 cores)
+    python benchmarks/bench.py                   # CPU, default sizes (about 3 min on 2 quiet cores)
     python benchmarks/bench.py --quick           # tiny sizes, seconds: the test suite's smoke test
     python benchmarks/bench.py --device cuda     # the same on a GPU
     python benchmarks/bench.py --skip-train      # everything but figure 5 (the two train.py runs)
@@ -44,7 +44,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch.utils.benchmark import Timer  # noqa: E402
 
 from buddy_pool import BuddyPool  # noqa: E402
 from maxsim_loss import MaxSimLoss, maxsim_scores  # noqa: E402
@@ -68,7 +67,10 @@ FIGURES: Dict[str, Tuple[str, Optional[str], Optional[float]]] = {
     "buddy_pool_speedup_vs_loop_fwd": (">= 50", ">=", 50.0),
     "buddy_pool_speedup_vs_loop_fwd_bwd": (">= 50", ">=", 50.0),
     "maxsim_scores_vs_einsum_time": ("<= 1", "<=", 1.0),
-    "maxsim_scores_vs_einsum_peak_memory": ("<= 1", "<=", 1.0),
+    # "No higher", up to what RSS resolves: pages touched by Python and small allocations move a 27 MiB
+    # peak by a few 4 KiB pages, and the kernel updates RSS in batches (the 64 MiB calibration tensor
+    # reads ~0.4% low).
+    "maxsim_scores_vs_einsum_peak_memory": ("<= 1 (within 1%)", "<=", 1.01),
     "maxsim_chunked_vs_unchunked_time_fwd": ("reported", None, None),
     "maxsim_chunked_vs_unchunked_peak_memory_fwd": ("reported", None, None),
     "maxsim_chunked_vs_unchunked_time_fwd_bwd": ("reported", None, None),
@@ -89,19 +91,21 @@ def sizes(quick: bool, device: torch.device) -> Dict[str, Any]:
     if quick:
         return dict(model=DEFAULT_MODEL, img_size=TINY_IMG_SIZE, timm_kwargs=dict(TINY_KWARGS),
                     backbone_batch=2, backbone_repeats=2, train_batch=8, repeats=2, min_block_s=0.002,
-                    loop_repeats=2, maxsim_sets=16, maxsim_tokens=10, maxsim_dim=64,
-                    chunk_sets=2, chunk_tokens=64, chunk_dim=16, chunk_block=2 ** 12,
+                    # Memory cases well above RSS's resolution (~256 KiB per thread: the kernel batches RSS
+                    # updates): 1.6 MiB and 2.25 MiB similarity tensors.
+                    loop_repeats=2, maxsim_sets=64, maxsim_tokens=10, maxsim_dim=32,
+                    chunk_sets=3, chunk_tokens=256, chunk_dim=16, chunk_block=2 ** 16, chunk_repeats=2,
                     train_images=6, train_steps=(2, 20), compile_backend="aot_eager",
                     memory_calibration_bytes=2 ** 23)
     return dict(model=DEFAULT_MODEL, img_size=224, timm_kwargs={},
-                # CPU: a ViT-B forward of 64 images takes a minute on 2 cores; time 4 and scale per image.
-                backbone_batch=64 if cuda else 4, backbone_repeats=10 if cuda else 3,
+                # CPU: a ViT-B forward of 64 images takes ~20 s on 2 cores; time 2 and scale per image.
+                backbone_batch=64 if cuda else 2, backbone_repeats=10 if cuda else 7,
                 train_batch=64, repeats=7, min_block_s=0.05 if cuda else 0.1, loop_repeats=5,
                 maxsim_sets=256, maxsim_tokens=10, maxsim_dim=768,
                 # 8 x 8 sets of 1024 tokens (32x32 grids): a 256 MiB float32 similarity tensor, 64 MiB blocks
                 # when chunked. D=128 (ColBERT's width) keeps the GEMM affordable on 2 cores; the memory at
                 # stake, the similarity tensor, does not depend on D.
-                chunk_sets=8, chunk_tokens=1024, chunk_dim=128, chunk_block=2 ** 24,
+                chunk_sets=8, chunk_tokens=1024, chunk_dim=128, chunk_block=2 ** 24, chunk_repeats=3,
                 # 46 generated images: the fewest that keep the demo's 32 triplets per step (32 train
                 # images, 30% held out); the demo's default of 56 only adds backbone work to both runs.
                 train_images=46, train_steps=(50, 500), compile_backend="inductor",
@@ -137,6 +141,8 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, re
     chosen so that a block lasts at least ``min_block_s``. Every round times one block of every function,
     in an order rotated each round so that no function always runs right after the same neighbour.
     """
+    # Imported here: it imports torch.utils.cpp_extension, which warns on a CUDA build without a GPU.
+    from torch.utils.benchmark import Timer
     names = list(fns)
     numbers = {name: 1 for name in names}
     for _ in range(warmup):
@@ -168,7 +174,7 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, tries: int = 2) -> int:
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, tries: int = 1) -> int:
     """Peak bytes allocated while ``fn`` runs, above what was allocated before it (minimum over tries).
 
     CUDA: the caching allocator's peak. CPU (Linux): the resident-set high-water mark; meaningful in a
@@ -465,7 +471,7 @@ def bench_maxsim(cfg: Dict[str, Any], device: torch.device, fig: Dict[str, Any])
     torch.testing.assert_close(fwd(chunked)(), fwd(unchunked)())
     tc = time_interleaved({"unchunked_fwd": fwd(unchunked), "chunked_fwd": fwd(chunked),
                            "unchunked_fwd_bwd": fwd_bwd(unchunked), "chunked_fwd_bwd": fwd_bwd(chunked)},
-                          device, repeats=max(3, cfg["repeats"] - 2), min_block_s=cfg["min_block_s"])
+                          device, repeats=cfg["chunk_repeats"], min_block_s=cfg["min_block_s"])
 
     mem = (cpu_memory_in_subprocess(cfg) if device.type == "cpu"
            else measure_maxsim_memory(cfg, device))
