@@ -137,24 +137,48 @@ class BuddyPool(nn.Module):
         index = rows.clamp(0, H - 1) * W + cols.clamp(0, W - 1)                   # B, C, K
         return index, valid
 
-    def forward(self, cue_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """cue_tokens (B, C, D), patch_tokens (B, H, W, D) -> buddy_tokens (B, C, D)."""
+    def gather_windows(self, cue_tokens: torch.Tensor,
+                       patch_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The first, parameter-free half of ``forward``: each cue's window of patches.
+
+        Args:
+            cue_tokens: (B, C, D).
+            patch_tokens: (B, H, W, D).
+
+        Returns:
+            window_tokens (B, C, K, D), the K = kernel_size**2 patches around each cue's nearest patch in
+            row-major window order (out-of-grid cells hold a clamped copy of a border patch), and valid
+            (B, C, K) bool, True for cells inside the grid.
+
+        With a frozen backbone this never changes during training: compute it once, cache it (9 patches
+        per cue instead of the whole grid) and train on ``pool_windows`` alone.
+        """
         _check_tokens(cue_tokens, patch_tokens)
         B, H, W, D = patch_tokens.shape
         if D != self.dim:
             raise ValueError(f"patch_tokens: expected dim {self.dim}, got {tuple(patch_tokens.shape)}")
         C = cue_tokens.shape[1]
         K = self.kernel_size * self.kernel_size
-
         with torch.no_grad():  # the choice of patch is discrete: no gradient through the argmax
             centre = nearest_patch(cue_tokens, patch_tokens)                      # B, C
         index, valid = self.window(centre, (H, W))                                # B, C, K
-
         # Gather only the B*C*K window patches instead of touching the whole grid per cue.
         patches = patch_tokens.reshape(B, H * W, D)                               # B, HW, D
         window_tokens = torch.gather(
             patches, 1, index.reshape(B, C * K, 1).expand(B, C * K, D)).reshape(B, C, K, D)
+        return window_tokens, valid
 
+    def pool_windows(self, window_tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The second, learnable half of ``forward``: window_tokens (B, C, K, D), valid (B, C, K) -> (B, C, D)."""
+        K, D = self.kernel_size * self.kernel_size, self.dim
+        if not isinstance(window_tokens, torch.Tensor) or window_tokens.dim() != 4 \
+                or tuple(window_tokens.shape[2:]) != (K, D):
+            got = tuple(window_tokens.shape) if isinstance(window_tokens, torch.Tensor) else type(window_tokens).__name__
+            raise ValueError(f"window_tokens: expected shape (B, C, {K}, {D}), got {got}")
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool \
+                or tuple(valid.shape) != tuple(window_tokens.shape[:3]):
+            got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+            raise ValueError(f"valid: expected a bool tensor of shape {tuple(window_tokens.shape[:3])}, got {got}")
         # Masked softmax over the in-grid offsets (the centre is always in the grid, so no row is empty).
         # Softmax in at least float32 (fp16/bf16 logits would round the weights), float64 kept as is.
         logits = self.window_logits.to(torch.promote_types(self.window_logits.dtype, torch.float32))
@@ -162,3 +186,7 @@ class BuddyPool(nn.Module):
         weights = logits.softmax(dim=-1).to(window_tokens.dtype)                  # B, C, K
         pooled = torch.einsum("bck,bckd->bcd", weights, window_tokens)            # B, C, D
         return pooled + self.proj(pooled)
+
+    def forward(self, cue_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """cue_tokens (B, C, D), patch_tokens (B, H, W, D) -> buddy_tokens (B, C, D)."""
+        return self.pool_windows(*self.gather_windows(cue_tokens, patch_tokens))

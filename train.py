@@ -235,11 +235,12 @@ class Dist:
         in length by the ``sizes`` given (all_gather needs equal shapes, so they are padded)."""
         if not self.enabled:
             return shard
-        padded = shard.new_zeros((max(sizes), *shard.shape[1:]))
-        padded[:shard.shape[0]] = shard
+        wire = shard.to(torch.uint8) if shard.dtype == torch.bool else shard  # gloo has no bool
+        padded = wire.new_zeros((max(sizes), *wire.shape[1:]))
+        padded[:wire.shape[0]] = wire
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(shard.dtype)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
@@ -403,13 +404,46 @@ def extract_view_tokens(
 
 # ---------------------------------------------------------------------------------- representation, metrics
 
-def represent(cue_tokens: torch.Tensor, patch_tokens: torch.Tensor,
-              pool: Optional[torch.nn.Module]) -> torch.Tensor:
-    """Token set of each image: cue (B, P, D) alone when ``pool`` is None, else cat(cue, Buddy) (B, 2P, D).
-    patch_tokens: (B, Gh, Gw, D)."""
-    if pool is None:
+def cache_windows(cue_tokens: torch.Tensor, patch_tokens: torch.Tensor,
+                  kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each cue's window of patches, once: BuddyPool's parameter-free half (``gather_windows``).
+
+    The nearest patch and its window never depend on BuddyPool's parameters, so with a frozen backbone the
+    training steps need only these 9 patches per cue, not the whole grid (a step then costs a fraction).
+
+    Args:
+        cue_tokens: (n, V, P, D). patch_tokens: (n, V, Gh, Gw, D).
+
+    Returns:
+        window_tokens (n, V, P, K, D) and valid (n, V, P, K), K = kernel_size**2.
+    """
+    n, V, P, D = cue_tokens.shape
+    windows, valid = BuddyPool(D, kernel_size).to(cue_tokens.device).gather_windows(
+        cue_tokens.reshape(n * V, P, D), patch_tokens.reshape(n * V, *patch_tokens.shape[2:]))
+    return windows.reshape(n, V, *windows.shape[1:]), valid.reshape(n, V, *valid.shape[1:])
+
+
+class CachedBuddyPool(torch.nn.Module):
+    """BuddyPool's learnable half as a module of its own, for cached windows (and for DDP to wrap):
+    forward(window_tokens (B, P, K, D), valid (B, P, K)) -> buddy_tokens (B, P, D)."""
+
+    def __init__(self, pool: BuddyPool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, window_tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.pool.pool_windows(window_tokens, valid)
+
+
+def represent(cue_tokens: torch.Tensor, window_tokens: torch.Tensor, valid: torch.Tensor,
+              buddy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """Token set of each image: cue (B, P, D) alone when ``buddy`` is None, else cat(cue, Buddy) (B, 2P, D).
+
+    window_tokens (B, P, K, D), valid (B, P, K): from ``cache_windows``. ``buddy``: ``pool.pool_windows``, or a
+    ``CachedBuddyPool`` (possibly DDP-wrapped)."""
+    if buddy is None:
         return cue_tokens
-    return torch.cat([cue_tokens, pool(cue_tokens, patch_tokens)], dim=1)
+    return torch.cat([cue_tokens, buddy(window_tokens, valid)], dim=1)
 
 
 def retrieval_metrics(scores: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
@@ -429,14 +463,16 @@ def retrieval_metrics(scores: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[
 
 
 @torch.no_grad()
-def evaluate(cue_tokens: torch.Tensor, patch_tokens: torch.Tensor,
-             pool: Optional[torch.nn.Module]) -> Dict[str, float]:
+def evaluate(cue_tokens: torch.Tensor, window_tokens: torch.Tensor, valid: torch.Tensor,
+             pool: Optional[BuddyPool]) -> Dict[str, float]:
     """Held-out retrieval: view 0 of each image queries view 1 of every image, by MaxSim.
 
-    cue_tokens (n, 2, P, D), patch_tokens (n, 2, Gh, Gw, D) -> {"recall@1", "recall@5", "mrr"}.
+    cue_tokens (n, 2, P, D), window_tokens (n, 2, P, K, D), valid (n, 2, P, K) (``cache_windows``);
+    pool None = cue tokens only -> {"recall@1", "recall@5", "mrr"}.
     """
-    queries = represent(cue_tokens[:, 0], patch_tokens[:, 0], pool)                # n, N, D
-    docs = represent(cue_tokens[:, 1], patch_tokens[:, 1], pool)                   # n, N, D
+    buddy = None if pool is None else pool.pool_windows
+    queries = represent(cue_tokens[:, 0], window_tokens[:, 0], valid[:, 0], buddy)    # n, N, D
+    docs = represent(cue_tokens[:, 1], window_tokens[:, 1], valid[:, 1], buddy)       # n, N, D
     return retrieval_metrics(maxsim_scores(queries, docs))
 
 
@@ -455,16 +491,17 @@ def sample_triplets(n: int, batch_size: int, generator: torch.Generator) -> Tupl
     return anchor, anchor_view, anchor, 1 - anchor_view, negative, negative_view
 
 
-def train_pool(pool: torch.nn.Module, cue_tokens: torch.Tensor, patch_tokens: torch.Tensor, *, steps: int,
-               batch_size: int, lr: float, loss_fn: MaxSimLoss, generator: torch.Generator, ddp: Dist,
-               image_ids: Optional[Sequence[int]] = None, log: Callable[[str], None] = print) -> List[float]:
-    """Train ``pool`` (a BuddyPool, or one wrapped in DDP) with AdamW on cached tokens.
+def train_pool(buddy: torch.nn.Module, cue_tokens: torch.Tensor, window_tokens: torch.Tensor, valid: torch.Tensor,
+               *, steps: int, batch_size: int, lr: float, loss_fn: MaxSimLoss, generator: torch.Generator,
+               ddp: Dist, image_ids: Optional[Sequence[int]] = None,
+               log: Callable[[str], None] = print) -> List[float]:
+    """Train ``buddy`` (a CachedBuddyPool, or one wrapped in DDP) with AdamW on cached tokens.
 
-    cue_tokens (n, 2, P, D) and patch_tokens (n, 2, Gh, Gw, D) are this process's training images, and
-    ``image_ids`` (n,) their ids across all processes (default 0..n-1): the loss leaves out in-batch
+    cue_tokens (n, 2, P, D), window_tokens (n, 2, P, K, D) and valid (n, 2, P, K) are this process's training
+    images, and ``image_ids`` (n,) their ids across all processes (default 0..n-1): the loss leaves out in-batch
     "negatives" that show the anchor's own image. Returns the loss of every step (averaged over processes).
     """
-    optimizer = torch.optim.AdamW(pool.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(buddy.parameters(), lr=lr, weight_decay=0.0)
     n = cue_tokens.shape[0]
     device = cue_tokens.device
     ids = torch.as_tensor(list(range(n)) if image_ids is None else list(image_ids), dtype=torch.long, device=device)
@@ -475,17 +512,18 @@ def train_pool(pool: torch.nn.Module, cue_tokens: torch.Tensor, patch_tokens: to
         images = torch.cat([a, p, ng])                                               # 3B
         views = torch.cat([av, pv, nv])                                              # 3B
         # One forward for anchors, positives and negatives: a single DDP forward per backward.
-        tokens = represent(cue_tokens[images, views], patch_tokens[images, views], pool)  # 3B, 2P, D
+        tokens = represent(cue_tokens[images, views], window_tokens[images, views], valid[images, views],
+                           buddy)                                                    # 3B, 2P, D
         anchor, positive, negative = tokens.chunk(3)
         # Another triplet's negative may show this anchor's image (likely when images are few): ids drop it.
         loss = loss_fn(anchor, positive, negative, anchor_ids=ids[a], negative_ids=ids[ng])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(ddp.mean(loss.detach()).item())
+        losses.append(ddp.mean(loss.detach()))  # no .item() here: no host sync per step on a GPU
         if step == 1 or step % log_every == 0 or step == steps:
-            log(f"  step {step:4d}/{steps}  loss {losses[-1]:.4f}")
-    return losses
+            log(f"  step {step:4d}/{steps}  loss {losses[-1].item():.4f}")
+    return torch.stack(losses).tolist() if losses else []
 
 
 # ------------------------------------------------------------------------------------------------ picture
@@ -805,14 +843,18 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
            if ddp.enabled else "") + " ...")
     cue, patches = extract_view_tokens(model, sources, my_train + my_held, transform, seed=args.seed,
                                        batch_size=args.extract_batch_size, device=ddp.device, log=log)
-    train_cue, train_patches = cue[:len(my_train)], patches[:len(my_train)]
+    # BuddyPool's windows never depend on its parameters: cache them too, and drop the patch grids.
+    windows, valid = cache_windows(cue, patches, args.kernel_size)                    # n, 2, P, K, D; n, 2, P, K
+    del patches
+    train_cue, train_windows, train_valid = cue[:len(my_train)], windows[:len(my_train)], valid[:len(my_train)]
     # Evaluation needs every held-out image once, in every process: gather the shards, then restore order.
     held_sizes = ddp.shard_sizes(len(held_ids))
     held_cue = ddp.gather_shards(cue[len(my_train):], held_sizes)
-    held_patches = ddp.gather_shards(patches[len(my_train):], held_sizes)
+    held_windows = ddp.gather_shards(windows[len(my_train):], held_sizes)
+    held_valid = ddp.gather_shards(valid[len(my_train):], held_sizes)
     gathered_ids = [i for r in range(ddp.world_size) for i in held_ids[r::ddp.world_size]]
     order = sorted(range(len(gathered_ids)), key=gathered_ids.__getitem__)
-    held_cue, held_patches = held_cue[order], held_patches[order]
+    held_cue, held_windows, held_valid = held_cue[order], held_windows[order], held_valid[order]
     timings["extract_tokens"] = time.perf_counter() - t
     log(f"  done in {timings['extract_tokens']:.1f} s "
         f"({NUM_VIEWS * (len(my_train) + len(my_held)) / max(timings['extract_tokens'], 1e-9):.1f} views/s"
@@ -823,7 +865,7 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
     if start_state is not None:
         pool.load_state_dict(start_state)
     with few_threads(ddp.device):
-        before = evaluate(held_cue, held_patches, pool)
+        before = evaluate(held_cue, held_windows, held_valid, pool)
     log(f"held-out recall@1 before training: {before['recall@1']:.3f} "
         f"(cue + {'loaded' if start_state is not None else 'initial'} Buddy tokens, {len(held_ids)} candidates)")
 
@@ -839,10 +881,10 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
     if steps > 0:
         if batch_size < args.batch_size:
             log(f"  (batch size {batch_size}: the number of training images per process)")
-        trainable = pool
+        trainable: torch.nn.Module = CachedBuddyPool(pool)
         if ddp.enabled:
             from torch.nn.parallel import DistributedDataParallel
-            trainable = DistributedDataParallel(pool, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
+            trainable = DistributedDataParallel(trainable, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
                                                 else None)
         loss_fn = MaxSimLoss(margin=args.margin, gather_distributed=ddp.enabled)
         generator = torch.Generator().manual_seed(args.seed + 1 + ddp.rank)
@@ -850,7 +892,8 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
         log(f"training BuddyPool ({n_params:,} parameters) for {steps} steps, batch {batch_size}"
             + (f" x {ddp.world_size} processes" if ddp.enabled else "") + f", lr {args.lr:g}, on cached tokens")
         with few_threads(ddp.device):
-            losses = train_pool(trainable, train_cue, train_patches, steps=steps, batch_size=batch_size,
+            losses = train_pool(trainable, train_cue, train_windows, train_valid, steps=steps,
+                                batch_size=batch_size,
                                 lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, image_ids=my_train,
                                 log=log)
     timings["train"] = time.perf_counter() - t
@@ -859,10 +902,10 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
     t = time.perf_counter()
     with few_threads(ddp.device):
         ablation = {
-            "cue_only": evaluate(held_cue, held_patches, None),
-            "cue_buddy_init": evaluate(held_cue, held_patches,
+            "cue_only": evaluate(held_cue, held_windows, held_valid, None),
+            "cue_buddy_init": evaluate(held_cue, held_windows, held_valid,
                                        BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)),
-            "cue_buddy_trained": evaluate(held_cue, held_patches, pool),
+            "cue_buddy_trained": evaluate(held_cue, held_windows, held_valid, pool),
         }
     timings["evaluate"] = time.perf_counter() - t
     after = ablation["cue_buddy_trained"]

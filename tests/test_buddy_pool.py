@@ -533,3 +533,52 @@ def test_non_tensors_raise_type_error():
         BuddyPool(2)([[[0.0, 1.0]]], torch.randn(1, 2, 2, 2))
     with pytest.raises(TypeError, match="patch_tokens"):
         BuddyPool(2)(torch.randn(1, 1, 2), [[[[0.0, 1.0]]]])
+
+
+# ------------------------------------------------------------------------ the two halves of forward
+
+@pytest.mark.parametrize("k,H,W", [(3, 4, 4), (5, 2, 3), (1, 3, 7)])
+def test_gather_windows_then_pool_windows_is_forward(k, H, W):
+    torch.manual_seed(3)
+    B, C, D = 2, 3, 8
+    cue, patches = torch.randn(B, C, D), torch.randn(B, H, W, D)
+    pool = BuddyPool(D, kernel_size=k)
+    randomise(pool)
+    windows, valid = pool.gather_windows(cue, patches)
+    assert windows.shape == (B, C, k * k, D) and valid.shape == (B, C, k * k) and valid.dtype == torch.bool
+    # Every in-grid cell holds the patch the loop reference names, at its row-major window offset.
+    centres = ref_nearest(cue, patches)
+    for b in range(B):
+        for c in range(C):
+            cells = ref_window_cells(centres[b][c], H, W, k)
+            assert sorted(o for _, _, o in cells) == valid[b, c].nonzero().flatten().tolist()
+            for row, col, offset in cells:
+                assert torch.equal(windows[b, c, offset], patches[b, row, col])
+    torch.testing.assert_close(pool.pool_windows(windows, valid), pool(cue, patches), rtol=0, atol=0)
+
+
+def test_pool_windows_trains_on_cached_windows_like_forward():
+    """Caching the windows (as the demo does) gives the same parameter gradients as the full forward."""
+    torch.manual_seed(4)
+    cue, patches = torch.randn(3, 5, 8), torch.randn(3, 4, 4, 8)
+    pool = BuddyPool(8)
+    randomise(pool)
+    pool(cue, patches).square().sum().backward()
+    full = [p.grad.clone() for p in pool.parameters()]
+    pool.zero_grad()
+    with torch.no_grad():
+        cached = pool.gather_windows(cue, patches)
+    pool.pool_windows(*cached).square().sum().backward()
+    for want, p in zip(full, pool.parameters()):
+        torch.testing.assert_close(p.grad, want)
+
+
+def test_pool_windows_bad_inputs():
+    pool = BuddyPool(8)
+    windows, valid = torch.randn(2, 5, 9, 8), torch.ones(2, 5, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"window_tokens: expected shape \(B, C, 9, 8\)"):
+        pool.pool_windows(windows[..., :4], valid)
+    with pytest.raises(ValueError, match="valid: expected a bool tensor"):
+        pool.pool_windows(windows, valid.float())
+    with pytest.raises(ValueError, match="valid: expected a bool tensor"):
+        pool.pool_windows(windows, valid[:, :3])
