@@ -34,13 +34,12 @@ import time
 _PROCESS_START = time.perf_counter()  # before the heavy imports, so the reported total includes them
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
 import sys
-from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -754,22 +753,6 @@ def load_model(args: argparse.Namespace, ddp: Dist, warn: Callable[[str], None])
     return model, info
 
 
-@contextlib.contextmanager
-def few_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread on CPU for the training steps and the evaluation: their ops are small, so fanning
-    them out gains little, and on a busy machine every op waits for a descheduled thread (measured here, 2
-    cores with one busy: 0.59 s/step with 2 threads, 0.06 s/step with 1)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.perf_counter()
     timings: Dict[str, float] = {"imports": t_start - _PROCESS_START}
@@ -864,8 +847,7 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
     pool = BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)
     if start_state is not None:
         pool.load_state_dict(start_state)
-    with few_threads(ddp.device):
-        before = evaluate(held_cue, held_windows, held_valid, pool)
+    before = evaluate(held_cue, held_windows, held_valid, pool)
     log(f"held-out recall@1 before training: {before['recall@1']:.3f} "
         f"(cue + {'loaded' if start_state is not None else 'initial'} Buddy tokens, {len(held_ids)} candidates)")
 
@@ -891,22 +873,18 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
         n_params = sum(p.numel() for p in pool.parameters())
         log(f"training BuddyPool ({n_params:,} parameters) for {steps} steps, batch {batch_size}"
             + (f" x {ddp.world_size} processes" if ddp.enabled else "") + f", lr {args.lr:g}, on cached tokens")
-        with few_threads(ddp.device):
-            losses = train_pool(trainable, train_cue, train_windows, train_valid, steps=steps,
-                                batch_size=batch_size,
-                                lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, image_ids=my_train,
-                                log=log)
+        losses = train_pool(trainable, train_cue, train_windows, train_valid, steps=steps, batch_size=batch_size,
+                            lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, image_ids=my_train, log=log)
     timings["train"] = time.perf_counter() - t
 
     # --- the ablation, on every held-out image
     t = time.perf_counter()
-    with few_threads(ddp.device):
-        ablation = {
-            "cue_only": evaluate(held_cue, held_windows, held_valid, None),
-            "cue_buddy_init": evaluate(held_cue, held_windows, held_valid,
-                                       BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)),
-            "cue_buddy_trained": evaluate(held_cue, held_windows, held_valid, pool),
-        }
+    ablation = {
+        "cue_only": evaluate(held_cue, held_windows, held_valid, None),
+        "cue_buddy_init": evaluate(held_cue, held_windows, held_valid,
+                                   BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)),
+        "cue_buddy_trained": evaluate(held_cue, held_windows, held_valid, pool),
+    }
     timings["evaluate"] = time.perf_counter() - t
     after = ablation["cue_buddy_trained"]
     log(f"held-out recall@1 after training:  {after['recall@1']:.3f}")
