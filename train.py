@@ -10,12 +10,13 @@ What happens:
   2. Images: ``--num-images`` generated pictures (smooth colour fields with a few shapes), or every
      readable image under ``--images DIR``. Images -- not views -- are split into train and held-out sets.
   3. Every image gets two random augmentations ("views", timm's training transform at the model's input
-     size). The backbone runs ONCE over all views, batched, and the tokens are cached:
-     cue tokens (N, 2, P, D) = [CLS] + registers, and patch tokens (N, 2, Gh, Gw, D).
+     size). The backbone runs ONCE over all views, batched, and the tokens are cached: cue tokens
+     (N, 2, P, D) = [CLS] + registers, and -- since a cue's nearest patch never depends on what BuddyPool
+     learns -- each cue's window of patch tokens (N, 2, P, K, D) (``BuddyPool.gather_windows``).
   4. Training touches only the cached tokens: an image is represented by 2P tokens,
-     cat(cue, BuddyPool(cue, patches)) -> (B, 10, D) for ViT-B/14-reg4, and MaxSimLoss is applied to
-     triplets: anchor = one view of image i, positive = its other view, negative = a view of image j != i
-     (plus the in-batch negatives).
+     cat(cue, BuddyPool.pool_windows(windows)) -> (B, 10, D) for ViT-B/14-reg4, and MaxSimLoss is applied
+     to triplets: anchor = one view of image i, positive = its other view, negative = a view of image
+     j != i (plus the in-batch negatives, minus any that show image i: the loss gets image ids).
   5. Held-out retrieval (anchor view -> its positive among every held-out image's positive view, by MaxSim):
      recall@1, recall@5 and MRR for cue tokens only, cue + Buddy tokens at initialisation (plain mean of
      the 3x3 window) and cue + trained Buddy tokens.
@@ -59,7 +60,7 @@ CUE_COLOURS = ((230, 25, 75), (255, 225, 25), (0, 130, 200), (60, 180, 75), (245
                (70, 240, 240), (240, 50, 230))
 VIZ_MARGIN = 10               # px around and between tiles
 VIZ_TILE_MIN = 320            # tiles are upscaled by an integer factor to at least this many px
-DEFAULT_NUM_IMAGES = 48       # generated images: 96 ViT-B/14 passes at 224 px, ~35 s on 2 idle CPU cores
+DEFAULT_NUM_IMAGES = 48       # generated images: 96 ViT-B/14 passes at 224 px, ~27 s on 2 idle CPU cores
 PROGRESS_EVERY_S = 5.0        # a progress line at most this often while extracting tokens
 
 ImageSource = Union[str, Image.Image]   # a file path or an in-memory picture
