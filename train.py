@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--viz-images", type=int, metavar="N", default=4, help="how many held-out images --viz draws")
     p.add_argument("--save", metavar="PATH", help="write the trained BuddyPool here (safetensors + metadata)")
     p.add_argument("--load", metavar="PATH", help="start from a BuddyPool written by --save")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the training steps (BuddyPool + MaxSimLoss); about 0.6x the step "
+                        "time on a CPU with bf16 support (see README, Performance)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training step's BuddyPool and MaxSimLoss (backend: inductor unless "
+                        "given); pays a one-off compile")
     return p
 
 
@@ -163,6 +169,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             parser.error(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device: {args.device} requested but CUDA is not available")
+    if args.compile is not None and args.compile not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(f"--compile: expected a torch.compile backend ({', '.join(torch.compiler.list_backends())}), "
+                     f"got {args.compile!r}")
     if args.viz and not args.viz.lower().endswith(".png"):
         parser.error(f"--viz: expected a path ending in .png, got {args.viz!r}")
     for flag in ("metrics", "viz", "save"):
@@ -492,14 +501,15 @@ def sample_triplets(n: int, batch_size: int, generator: torch.Generator) -> Tupl
 
 
 def train_pool(buddy: torch.nn.Module, cue_tokens: torch.Tensor, window_tokens: torch.Tensor, valid: torch.Tensor,
-               *, steps: int, batch_size: int, lr: float, loss_fn: MaxSimLoss, generator: torch.Generator,
-               ddp: Dist, image_ids: Optional[Sequence[int]] = None,
+               *, steps: int, batch_size: int, lr: float, loss_fn: torch.nn.Module, generator: torch.Generator,
+               ddp: Dist, image_ids: Optional[Sequence[int]] = None, autocast_dtype: Optional[torch.dtype] = None,
                log: Callable[[str], None] = print) -> List[float]:
     """Train ``buddy`` (a CachedBuddyPool, or one wrapped in DDP) with AdamW on cached tokens.
 
     cue_tokens (n, 2, P, D), window_tokens (n, 2, P, K, D) and valid (n, 2, P, K) are this process's training
     images, and ``image_ids`` (n,) their ids across all processes (default 0..n-1): the loss leaves out in-batch
-    "negatives" that show the anchor's own image. Returns the loss of every step (averaged over processes).
+    "negatives" that show the anchor's own image. ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward
+    under autocast. Returns the loss of every step (averaged over processes).
     """
     optimizer = torch.optim.AdamW(buddy.parameters(), lr=lr, weight_decay=0.0)
     n = cue_tokens.shape[0]
@@ -512,11 +522,12 @@ def train_pool(buddy: torch.nn.Module, cue_tokens: torch.Tensor, window_tokens: 
         images = torch.cat([a, p, ng])                                               # 3B
         views = torch.cat([av, pv, nv])                                              # 3B
         # One forward for anchors, positives and negatives: a single DDP forward per backward.
-        tokens = represent(cue_tokens[images, views], window_tokens[images, views], valid[images, views],
-                           buddy)                                                    # 3B, 2P, D
-        anchor, positive, negative = tokens.chunk(3)
-        # Another triplet's negative may show this anchor's image (likely when images are few): ids drop it.
-        loss = loss_fn(anchor, positive, negative, anchor_ids=ids[a], negative_ids=ids[ng])
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            tokens = represent(cue_tokens[images, views], window_tokens[images, views], valid[images, views],
+                               buddy)                                                # 3B, 2P, D
+            anchor, positive, negative = tokens.chunk(3)
+            # Another triplet's negative may show this anchor's image (likely when images are few): ids drop it.
+            loss = loss_fn(anchor, positive, negative, anchor_ids=ids[a], negative_ids=ids[ng])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -869,13 +880,17 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
             from torch.nn.parallel import DistributedDataParallel
             trainable = DistributedDataParallel(trainable, device_ids=[ddp.device.index] if ddp.device.type == "cuda"
                                                 else None)
-        loss_fn = MaxSimLoss(margin=args.margin, gather_distributed=ddp.enabled)
+        loss_fn: torch.nn.Module = MaxSimLoss(margin=args.margin, gather_distributed=ddp.enabled)
+        if args.compile:  # opt-in: helps a little alone, about 2x with --bf16 (README, Performance)
+            trainable, loss_fn = (torch.compile(trainable, backend=args.compile),
+                                  torch.compile(loss_fn, backend=args.compile))
         generator = torch.Generator().manual_seed(args.seed + 1 + ddp.rank)
         n_params = sum(p.numel() for p in pool.parameters())
         log(f"training BuddyPool ({n_params:,} parameters) for {steps} steps, batch {batch_size}"
             + (f" x {ddp.world_size} processes" if ddp.enabled else "") + f", lr {args.lr:g}, on cached tokens")
         losses = train_pool(trainable, train_cue, train_windows, train_valid, steps=steps, batch_size=batch_size,
-                            lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, image_ids=my_train, log=log)
+                            lr=args.lr, loss_fn=loss_fn, generator=generator, ddp=ddp, image_ids=my_train,
+                            autocast_dtype=torch.bfloat16 if args.bf16 else None, log=log)
     timings["train"] = time.perf_counter() - t
 
     # --- the ablation, on every held-out image
@@ -922,7 +937,8 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
                  "train_images": len(train_ids), "held_out_images": len(held_ids), "views_per_image": NUM_VIEWS,
                  "held_out_ids": held_ids, "held_out_evaluated": int(held_cue.shape[0])},
         "training": {"steps": steps, "batch_size": batch_size, "lr": args.lr, "margin": args.margin,
-                     "kernel_size": args.kernel_size, "loaded": args.load, "world_size": ddp.world_size},
+                     "kernel_size": args.kernel_size, "loaded": args.load, "world_size": ddp.world_size,
+                     "bf16": args.bf16, "compile": args.compile},
         "losses": losses,
         "recall@1_before": before["recall@1"], "recall@1_after": after["recall@1"],
         "ablation": ablation,

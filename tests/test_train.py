@@ -579,3 +579,21 @@ def test_weights_from_a_local_file_and_too_few_images_to_train(tmp_path, capsys)
     assert m["losses"] == [] and m["training"]["steps"] == 0
     assert len(err.strip().splitlines()) == 1 and "training skipped" in err
     assert m["ablation"]["cue_only"] == {"recall@1": 1.0, "recall@5": 1.0, "mrr": 1.0}  # 1 candidate
+
+
+def test_bf16_and_compile_options_train_like_the_default(tmp_path, capsys):
+    """--compile (aot_eager: the same arithmetic, traced) gives the default run's losses; --bf16 close to them."""
+    runs = {}
+    for name, extra in (("eager", []), ("compile", ["--compile", "aot_eager"]), ("bf16", ["--bf16"])):
+        metrics = tmp_path / f"{name}.json"
+        status, _, err = run_main(RANDOM_TINY + ["--num-images", 10, "--steps", 4, "--batch-size", 4,
+                                                 "--metrics", metrics] + extra, capsys)
+        assert status == 0, err
+        runs[name] = json.loads(metrics.read_text())
+    assert runs["compile"]["training"]["compile"] == "aot_eager" and runs["bf16"]["training"]["bf16"] is True
+    assert runs["eager"]["training"]["compile"] is None and runs["eager"]["training"]["bf16"] is False
+    assert runs["compile"]["losses"] == pytest.approx(runs["eager"]["losses"], abs=1e-5)
+    assert runs["bf16"]["losses"] == pytest.approx(runs["eager"]["losses"], abs=2e-2)
+    assert runs["bf16"]["losses"] != runs["eager"]["losses"]  # autocast really ran in bfloat16
+    status, _, err = run_main(RANDOM_TINY + ["--compile", "no_such_backend"], capsys)
+    assert_one_error_line(status, err, "--compile", "no_such_backend")
