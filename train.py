@@ -413,8 +413,8 @@ def extract_view_tokens(
 
 # ---------------------------------------------------------------------------------- representation, metrics
 
-def cache_windows(cue_tokens: torch.Tensor, patch_tokens: torch.Tensor,
-                  kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def cache_windows(pool: BuddyPool, cue_tokens: torch.Tensor,
+                  patch_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each cue's window of patches, once: BuddyPool's parameter-free half (``gather_windows``).
 
     The nearest patch and its window never depend on BuddyPool's parameters, so with a frozen backbone the
@@ -424,10 +424,10 @@ def cache_windows(cue_tokens: torch.Tensor, patch_tokens: torch.Tensor,
         cue_tokens: (n, V, P, D). patch_tokens: (n, V, Gh, Gw, D).
 
     Returns:
-        window_tokens (n, V, P, K, D) and valid (n, V, P, K), K = kernel_size**2.
+        window_tokens (n, V, P, K, D) and valid (n, V, P, K), K = pool.kernel_size**2.
     """
     n, V, P, D = cue_tokens.shape
-    windows, valid = BuddyPool(D, kernel_size).to(cue_tokens.device).gather_windows(
+    windows, valid = pool.gather_windows(
         cue_tokens.reshape(n * V, P, D), patch_tokens.reshape(n * V, *patch_tokens.shape[2:]))
     return windows.reshape(n, V, *windows.shape[1:]), valid.reshape(n, V, *valid.shape[1:])
 
@@ -839,7 +839,8 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
     cue, patches = extract_view_tokens(model, sources, my_train + my_held, transform, seed=args.seed,
                                        batch_size=args.extract_batch_size, device=ddp.device, log=log)
     # BuddyPool's windows never depend on its parameters: cache them too, and drop the patch grids.
-    windows, valid = cache_windows(cue, patches, args.kernel_size)                    # n, 2, P, K, D; n, 2, P, K
+    pool = BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)
+    windows, valid = cache_windows(pool, cue, patches)                                # n, 2, P, K, D; n, 2, P, K
     del patches
     train_cue, train_windows, train_valid = cue[:len(my_train)], windows[:len(my_train)], valid[:len(my_train)]
     # Evaluation needs every held-out image once, in every process: gather the shards, then restore order.
@@ -856,7 +857,6 @@ def _run(args: argparse.Namespace, ddp: Dist, timings: Dict[str, float]) -> Dict
         + (" per process)" if ddp.enabled else ")"))
 
     # --- train BuddyPool on the cached tokens
-    pool = BuddyPool(D, kernel_size=args.kernel_size).to(ddp.device)
     if start_state is not None:
         pool.load_state_dict(start_state)
     before = evaluate(held_cue, held_windows, held_valid, pool)

@@ -204,7 +204,7 @@ def test_train_pool_tells_the_loss_which_image_each_triplet_shows():
             seen.append((kwargs["anchor_ids"].clone(), kwargs["negative_ids"].clone()))
             return super().forward(anchor, positive, negative, **kwargs)
 
-    windows, valid = train.cache_windows(cue, patches, 3)
+    windows, valid = train.cache_windows(BuddyPool(D), cue, patches)
     train.train_pool(train.CachedBuddyPool(BuddyPool(D)), cue, windows, valid, steps=3, batch_size=4, lr=1e-3, loss_fn=Spy(),
                      generator=torch.Generator().manual_seed(5), ddp=train.Dist("cpu"), image_ids=image_ids,
                      log=lambda m: None)
@@ -288,7 +288,7 @@ def test_three_way_table_matches_a_direct_computation():
     with torch.no_grad():
         want_trained = table_row(lambda i, v: torch.cat([cue[i, v], trained(cue[i, v][None], patches[i, v][None])[0]]))
 
-    windows, valid = train.cache_windows(cue, patches, 3)                  # what the demo trains and evaluates on
+    windows, valid = train.cache_windows(BuddyPool(D), cue, patches)                  # what the demo trains and evaluates on
     assert windows.shape == (n, 2, P, 9, D) and valid.shape == (n, 2, P, 9)
     assert train.evaluate(cue, windows, valid, None) == pytest.approx(want_cue)
     assert train.evaluate(cue, windows, valid, BuddyPool(D).double()) == pytest.approx(want_init)
