@@ -15,8 +15,9 @@ token win whenever every real similarity is negative. Masked query tokens do not
 
 ``MaxSimLoss`` is the training objective: for (anchor, positive, negative) triplets,
 mean(relu(margin - s(a, p) + s(a, n))) over every (anchor, negative) pair. With in-batch negatives
-(the default) each anchor also takes every other triplet's positive and negative as negatives; with
-``gather_distributed=True`` those come from every process of a torch.distributed job.
+(the default) each anchor also takes every other triplet's positive and negative as negatives (optional
+source ids leave out the ones that show the anchor's own image); with ``gather_distributed=True`` those
+come from every process of a torch.distributed job.
 
 This file depends on torch only: copy it into any project.
 """
@@ -201,7 +202,7 @@ class MaxSimLoss(nn.Module):
             triplet's positive and negative: 2B - 1 negatives instead of 1, for free, since the scores are
             one (B, 2B) matrix. False gives the plain triplet loss with one negative per anchor.
         reduction: how ``maxsim_scores`` reduces over query tokens, "mean" or "sum". (The loss itself is
-            always the mean over pairs.)
+            always the mean above.)
         normalize: cosine similarities (default) or raw dot products.
         gather_distributed: with in-batch negatives under torch.distributed, take negatives from every
             process (see ``gather_with_grad``). With N processes of B triplets each, the mean of the N
