@@ -670,17 +670,10 @@ def print_table(figures: Dict[str, Dict[str, Any]]) -> None:
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """The results, written the demo's way (temporary file, then renamed), into a folder made if needed."""
+    from train import write_json as write_atomically  # imported here: the memory subprocess needs torch only
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, payload)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
